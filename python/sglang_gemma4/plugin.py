@@ -1,0 +1,76 @@
+"""SGLang entry point (``sglang.srt.plugins``: ``gemma4 = sglang_gemma4.plugin:load``).
+
+SGLang calls :func:`load` in every process (launcher, scheduler, detokenizer)
+before building ``ServerArgs`` and then applies the registered hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional
+
+from sglang_gemma4 import registry
+from sglang_gemma4.knobs import KnobError
+
+logger = logging.getLogger("sglang_gemma4")
+
+SERVER_ARGS_INIT = "sglang.srt.server_args.ServerArgs.__post_init__"
+SERVER_ARGS_CHECK = "sglang.srt.server_args.ServerArgs.check_server_args"
+
+_STATUSES: Optional[List[registry.PatchStatus]] = None
+
+
+def _ensure_log_handler() -> None:
+    # SGLang configures its own loggers late (after load_plugins); without a
+    # handler our one-line-per-patch INFO report would be lost.
+    if not logger.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[sglang-gemma4] %(levelname)s %(message)s"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _stop_startup(error: KnobError) -> None:
+    """Make ServerArgs construction/validation raise.
+
+    ``load_plugins()`` catches and only logs exceptions from a plugin entry, so
+    raising in :func:`load` alone would let the server start with a knob the
+    user believes is set. Both hook points are needed: ``Engine(server_args=...)``
+    skips ``__post_init__`` but always calls ``check_server_args``.
+    """
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    def refuse(*args, **kwargs):
+        raise KnobError(error.name, error.value)
+
+    HookRegistry.register(SERVER_ARGS_INIT, refuse, HookType.BEFORE)
+    HookRegistry.register(SERVER_ARGS_CHECK, refuse, HookType.BEFORE)
+
+
+def statuses() -> Optional[List[registry.PatchStatus]]:
+    """Statuses decided by the last :func:`load` in this process (None before)."""
+    return _STATUSES
+
+
+def load() -> List[registry.PatchStatus]:
+    global _STATUSES
+    if _STATUSES is not None:  # SGLang may call us more than once per process
+        return _STATUSES
+    _ensure_log_handler()
+    patches = registry.all_patches()
+    result = [registry.evaluate(p) for p in patches]
+    errors = [s for s in result if s.state == registry.ERROR]
+    if errors:
+        for s in errors:
+            logger.error("sglang-gemma4: %s -- refusing to start", s.reason)
+        first = KnobError(errors[0].knob, os.environ.get(errors[0].knob, ""))
+        _stop_startup(first)
+        _STATUSES = result
+        raise first
+    result = [registry.apply(p, s) for p, s in zip(patches, result)]
+    for s in result:
+        logger.info("patch %-22s %-11s %s=%s: %s", s.name, s.state, s.knob, s.value, s.reason)
+    _STATUSES = result
+    return result

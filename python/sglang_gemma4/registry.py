@@ -1,0 +1,188 @@
+"""Patch registry: one :class:`Patch` per module under ``sglang_gemma4.patches``.
+
+Every patch declares its knob, an upstream check and the SGLang targets it
+hooks. ``evaluate`` decides a patch's state without touching SGLang's hook
+table; ``apply`` registers the hooks of the active ones through SGLang's
+``HookRegistry`` (the only way this plugin changes SGLang code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import logging
+import os
+import pkgutil
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+
+from sglang_gemma4 import SUPPORTED_SGLANG_VERSIONS
+from sglang_gemma4.knobs import KnobError, parse_bool
+
+logger = logging.getLogger("sglang_gemma4")
+
+ACTIVE = "active"  # hooks registered
+DISABLED = "disabled"  # knob off (or unset for tri-state knobs)
+UPSTREAM = "upstream"  # installed SGLang already does it; we stand down
+UNAVAILABLE = "unavailable"  # target missing / SGLang version unsupported
+ERROR = "error"  # knob value invalid: start-up is stopped
+
+
+@dataclasses.dataclass
+class PatchStatus:
+    name: str
+    summary: str
+    knob: str
+    value: str  # what the knob resolved to, e.g. "1 (default)" or "0"
+    state: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Patch:
+    """Base class. Subclasses set the class attributes and implement ``register``.
+
+    ``default`` is the knob's value when unset; ``None`` makes a tri-state knob
+    (unset means "leave SGLang's own behaviour alone").
+    """
+
+    name: str = ""
+    summary: str = ""
+    knob: str = ""
+    default: Optional[bool] = True
+    seed: str = ""  # seed commit this patch comes from
+    targets: Tuple[str, ...] = ()  # dotted SGLang paths the hooks need
+
+    def __init__(self) -> None:
+        self._pending: List[Tuple[str, Callable, object]] = []
+
+    # -- overridable -------------------------------------------------------
+    def upstream(self) -> Optional[str]:
+        """Reason string when the installed SGLang already does this patch."""
+        return None
+
+    def register(self, value: Optional[bool]) -> None:  # pragma: no cover - abstract
+        """Declare hooks with :meth:`hook` (and SGLang registries if needed)."""
+        raise TypeError(f"patch {self.name} does not implement register()")
+
+    def detail(self, value: Optional[bool]) -> str:
+        """Extra words for the status line of an active/disabled patch."""
+        return ""
+
+    # -- helpers -----------------------------------------------------------
+    def hook(self, target: str, fn: Callable, hook_type) -> None:
+        if target not in self.targets:
+            raise ValueError(f"{self.name}: hook target {target} not declared in targets")
+        self._pending.append((target, fn, hook_type))
+
+    def knob_value(self, environ: Optional[Mapping[str, str]] = None) -> Optional[bool]:
+        env = os.environ if environ is None else environ
+        v = parse_bool(self.knob, env.get(self.knob))
+        return self.default if v is None else v
+
+
+def resolve_target(path: str):
+    """Resolve a dotted path the way ``HookRegistry`` will (module.attr...)."""
+    obj_path, attr = path.rsplit(".", 1)
+    obj = pkgutil.resolve_name(obj_path)
+    return getattr(obj, attr)
+
+
+def missing_targets(targets: Sequence[str]) -> List[str]:
+    out = []
+    for t in targets:
+        try:
+            resolve_target(t)
+        except Exception as e:  # ImportError, AttributeError, anything a module raises
+            out.append(f"{t} ({type(e).__name__}: {e})")
+    return out
+
+
+def sglang_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def all_patches() -> List[Patch]:
+    import sglang_gemma4.patches as pkg
+
+    patches = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        patch = getattr(mod, "PATCH", None)
+        if not isinstance(patch, Patch):
+            raise TypeError(f"{mod.__name__} must define PATCH = <Patch subclass>()")
+        patches.append(patch)
+    return patches
+
+
+def _fmt_value(patch: Patch, environ: Mapping[str, str]) -> str:
+    raw = environ.get(patch.knob)
+    if raw is None or raw.strip() == "":
+        d = "unset" if patch.default is None else ("1" if patch.default else "0")
+        return f"{d} (default)"
+    return raw
+
+
+def evaluate(
+    patch: Patch,
+    environ: Optional[Mapping[str, str]] = None,
+    version: Optional[str] = None,
+    check_targets: bool = True,
+) -> PatchStatus:
+    env = os.environ if environ is None else environ
+    version = sglang_version() if version is None else version
+
+    def st(state: str, reason: str) -> PatchStatus:
+        return PatchStatus(patch.name, patch.summary, patch.knob, _fmt_value(patch, env), state, reason)
+
+    try:
+        value = patch.knob_value(env)
+    except KnobError as e:
+        return st(ERROR, str(e))
+    if version not in SUPPORTED_SGLANG_VERSIONS:
+        return st(
+            UNAVAILABLE,
+            f"SGLang {version} is not supported (supported: {', '.join(SUPPORTED_SGLANG_VERSIONS)})",
+        )
+    if not value:
+        why = "knob unset: SGLang's own behaviour" if value is None else "turned off by knob"
+        extra = patch.detail(value)
+        return st(DISABLED, f"{why}; {extra}" if extra else why)
+    if check_targets:
+        missing = missing_targets(patch.targets)
+        if missing:
+            return st(UNAVAILABLE, "hook target missing: " + "; ".join(missing))
+    try:
+        up = patch.upstream()
+    except Exception as e:
+        return st(UNAVAILABLE, f"upstream check failed: {type(e).__name__}: {e}")
+    if up:
+        return st(UPSTREAM, up)
+    return st(ACTIVE, patch.detail(value) or patch.summary)
+
+
+def apply(patch: Patch, status: PatchStatus, environ: Optional[Mapping[str, str]] = None) -> PatchStatus:
+    """Register an active patch's hooks; a failure marks only this patch unavailable."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    if status.state != ACTIVE:
+        return status
+    patch._pending = []
+    try:
+        patch.register(patch.knob_value(environ))
+    except Exception as e:
+        patch._pending = []
+        return dataclasses.replace(
+            status, state=UNAVAILABLE, reason=f"register failed: {type(e).__name__}: {e}"
+        )
+    for target, fn, hook_type in patch._pending:
+        HookRegistry.register(target, fn, hook_type)
+    patch._pending = []
+    return status
