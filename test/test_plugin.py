@@ -1,0 +1,144 @@
+"""The plugin as SGLang loads it: entry point, hooks, strict knobs, status."""
+
+import json
+import pkgutil
+
+import pytest
+
+from conftest import run_py
+from sglang_gemma4 import cli, registry
+
+LOAD_AND_REPORT = r"""
+import json, pkgutil
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+load_plugins()
+from sglang_gemma4 import plugin
+wrapped = {}
+for target in HookRegistry._hooks:
+    obj_path, attr = target.rsplit(".", 1)
+    obj = pkgutil.resolve_name(obj_path)
+    raw = obj.__dict__.get(attr) if isinstance(obj, type) else getattr(obj, attr)
+    raw = getattr(raw, "__func__", raw)
+    wrapped[target] = hasattr(raw, "__wrapped__")
+print("REPORT" + json.dumps({
+    "statuses": [s.as_dict() for s in (plugin.statuses() or [])],
+    "wrapped": wrapped,
+    "patched": sorted(HookRegistry._patched),
+}))
+"""
+
+
+def _report(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("REPORT")][-1]
+    return json.loads(line[len("REPORT"):])
+
+
+def test_entry_point_discovered_and_targets_wrapped():
+    rep = _report(run_py(LOAD_AND_REPORT, {}))
+    names = {s["name"] for s in rep["statuses"]}
+    assert names == {p.name for p in registry.all_patches()}
+    # every hook registered by an active patch really wraps its SGLang target
+    assert rep["wrapped"], "no hook registered at all"
+    assert all(rep["wrapped"].values()), rep["wrapped"]
+    assert set(rep["wrapped"]) <= set(rep["patched"])
+
+
+def test_excluded_plugin_registers_nothing():
+    rep = _report(run_py(LOAD_AND_REPORT, {"SGLANG_PLUGINS": "none"}))
+    assert rep["statuses"] == [] and rep["wrapped"] == {}
+
+
+SWA = r"""
+import json
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import ServerArgs
+out = {}
+for name, path in %r.items():
+    for user in (None, 0.5):
+        kw = {} if user is None else {"swa_full_tokens_ratio": user}
+        sa = ServerArgs(model_path=path, skip_tokenizer_init=True, device="cpu",
+                        attention_backend="triton", **kw)
+        out[f"{name}/{user}"] = [sa.swa_full_tokens_ratio, sa._resolved().swa_full_tokens_ratio]
+print("REPORT" + json.dumps(out))
+"""
+
+
+def _swa(cfgs, env):
+    proc = run_py(SWA % {k: str(v) for k, v in cfgs.items()}, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("REPORT")][-1]
+    return json.loads(line[len("REPORT"):]), proc.stderr
+
+
+def test_swa_ratio_resolved_by_real_server_args(gemma4_configs):
+    got, log = _swa(gemma4_configs, {})
+    assert got == {"moe/None": [0.15, 0.15], "moe/0.5": [0.5, 0.5],
+                   "dense/None": [0.8, 0.8], "dense/0.5": [0.5, 0.5]}
+    assert "swa_full_tokens_ratio=0.15" in log and "dense checkpoint" in log
+
+
+def test_swa_ratio_knob_off_keeps_sglang_default(gemma4_configs):
+    got, _ = _swa({"moe": gemma4_configs["moe"]}, {"SGLANG_GEMMA4_SWA_RATIO": "0"})
+    assert got == {"moe/None": [0.8, 0.8], "moe/0.5": [0.5, 0.5]}
+
+
+BAD_ENGINE = r"""
+import sglang
+try:
+    sglang.Engine(model_path=%r, skip_tokenizer_init=True, device="cpu", attention_backend="triton")
+except Exception as e:
+    print("RAISED", type(e).__name__, e)
+else:
+    print("STARTED")
+"""
+
+
+def _assert_knob_message(text):
+    assert "SGLANG_GEMMA4_SWA_RATIO" in text and "'maybe'" in text
+    assert "1, true, on, 0, false, off" in text
+
+
+def test_bad_knob_stops_engine_startup(gemma4_configs):
+    proc = run_py(BAD_ENGINE % str(gemma4_configs["moe"]), {"SGLANG_GEMMA4_SWA_RATIO": "maybe"})
+    out = proc.stdout + proc.stderr
+    assert "RAISED KnobError" in proc.stdout, out[-3000:]
+    _assert_knob_message(proc.stdout)
+
+
+def test_bad_knob_stops_launch_server(gemma4_configs):
+    code = ("import runpy, sys; sys.argv=['sglang.launch_server','--model-path',%r,"
+            "'--device','cpu','--attention-backend','triton','--skip-tokenizer-init'];"
+            "runpy.run_module('sglang.launch_server', run_name='__main__')") % str(gemma4_configs["moe"])
+    proc = run_py(code, {"SGLANG_GEMMA4_SWA_RATIO": "maybe"}, timeout=240)
+    assert proc.returncode != 0
+    assert "KnobError" in proc.stderr, proc.stderr[-3000:]
+    _assert_knob_message(proc.stderr)
+
+
+def test_status_json_lists_every_patch(capsys, clean_env):
+    rc = cli.main(["status", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert data["versions"]["sglang"] == "0.5.17"
+    names = [p["name"] for p in data["patches"]]
+    assert sorted(names) == sorted(p.name for p in registry.all_patches())
+    states = {registry.ACTIVE, registry.DISABLED, registry.UPSTREAM, registry.UNAVAILABLE}
+    for p in data["patches"]:
+        assert p["state"] in states and p["reason"], p
+
+
+def test_status_reports_bad_knob(capsys, clean_env, monkeypatch):
+    monkeypatch.setenv("SGLANG_GEMMA4_SWA_RATIO", "maybe")
+    rc = cli.main(["status"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "error" in out and "'maybe'" in out
+
+
+def test_readme_knob_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert cli.knob_table_markdown() in readme, "regenerate with: sglang-gemma4 knobs"

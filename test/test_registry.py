@@ -1,0 +1,68 @@
+"""Registry decisions on real SGLang: version gate, missing targets, failing register."""
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sglang_gemma4 import registry
+
+
+class _Fake(registry.Patch):
+    name = "fake"
+    summary = "test patch"
+    knob = "SGLANG_GEMMA4_FAKE"
+    default = True
+    targets = ("sglang.srt.server_args.ServerArgs.check_server_args",)
+
+    def register(self, value):
+        self.hook(self.targets[0], lambda *a, **k: None, HookType.BEFORE)
+
+
+class _Missing(_Fake):
+    name = "missing"
+    targets = ("sglang.srt.server_args.ServerArgs.no_such_method_in_0_5_17",)
+
+
+class _Broken(_Fake):
+    def register(self, value):
+        raise RuntimeError("boom")
+
+
+def test_states():
+    assert registry.evaluate(_Fake(), {}).state == registry.ACTIVE
+    assert registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": "off"}).state == registry.DISABLED
+    st = registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": "yes"})
+    assert st.state == registry.ERROR and "SGLANG_GEMMA4_FAKE" in st.reason
+    st = registry.evaluate(_Fake(), {}, version="0.5.16")
+    assert st.state == registry.UNAVAILABLE and "0.5.16" in st.reason
+    st = registry.evaluate(_Missing(), {})
+    assert st.state == registry.UNAVAILABLE and "no_such_method_in_0_5_17" in st.reason
+
+
+def test_failing_patch_does_not_register_and_others_do():
+    before = {t: len(h) for t, h in HookRegistry._hooks.items()}
+    broken, good = _Broken(), _Fake()
+    s1 = registry.apply(broken, registry.evaluate(broken, {}), {})
+    assert s1.state == registry.UNAVAILABLE and "boom" in s1.reason
+    assert {t: len(h) for t, h in HookRegistry._hooks.items() if h} == {t: n for t, n in before.items() if n}
+    s2 = registry.apply(good, registry.evaluate(good, {}), {})
+    assert s2.state == registry.ACTIVE
+    t = good.targets[0]
+    assert len(HookRegistry._hooks[t]) == before.get(t, 0) + 1
+    HookRegistry._hooks[t].pop()  # never applied: nothing to restore
+
+
+def test_undeclared_target_is_refused():
+    class _Sloppy(_Fake):
+        def register(self, value):
+            self.hook("sglang.srt.server_args.ServerArgs.__post_init__", lambda *a: None, HookType.BEFORE)
+
+    p = _Sloppy()
+    assert registry.apply(p, registry.evaluate(p, {}), {}).state == registry.UNAVAILABLE
+
+
+def test_every_shipped_patch_is_well_formed():
+    names = set()
+    for p in registry.all_patches():
+        assert p.name and p.summary and p.knob.startswith("SGLANG_") and p.seed
+        assert p.name not in names
+        names.add(p.name)
+        assert p.default in (True, False, None)
