@@ -15,7 +15,9 @@ from sglang.srt.plugins.hook_registry import HookRegistry
 load_plugins()
 from sglang_gemma4 import plugin
 wrapped = {}
-for target in HookRegistry._hooks:
+for target, hooks in HookRegistry._hooks.items():
+    if not any(src is not None and src.plugin_name == "gemma4" for _, _, src in hooks):
+        continue  # SGLang's own dependencies ship plugins too (smg-servicer)
     obj_path, attr = target.rsplit(".", 1)
     obj = pkgutil.resolve_name(obj_path)
     raw = obj.__dict__.get(attr) if isinstance(obj, type) else getattr(obj, attr)
