@@ -66,3 +66,21 @@ def test_every_shipped_patch_is_well_formed():
         assert p.name not in names
         names.add(p.name)
         assert p.default in (True, False, None)
+
+
+def test_broken_patch_module_is_unavailable_not_fatal():
+    st = registry.evaluate(registry._ImportFailed("broken", "ImportError: no module x"), {})
+    assert st.state == registry.UNAVAILABLE and "no module x" in st.reason
+
+
+def test_extra_setting_error_is_a_startup_error():
+    class _Budget(_Fake):
+        def validate(self, environ):
+            if environ.get("SGLANG_GEMMA4_FAKE_BUDGET", "1") != "1":
+                raise ValueError("invalid value for environment variable SGLANG_GEMMA4_FAKE_BUDGET")
+
+    st = registry.evaluate(_Budget(), {"SGLANG_GEMMA4_FAKE_BUDGET": "x"})
+    assert st.state == registry.ERROR and "SGLANG_GEMMA4_FAKE_BUDGET" in st.reason
+    # a patch switched off does not validate its extra settings
+    st = registry.evaluate(_Budget(), {"SGLANG_GEMMA4_FAKE_BUDGET": "x", "SGLANG_GEMMA4_FAKE": "0"})
+    assert st.state == registry.DISABLED

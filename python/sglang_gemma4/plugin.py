@@ -32,7 +32,7 @@ def _ensure_log_handler() -> None:
         logger.propagate = False
 
 
-def _stop_startup(error: KnobError) -> None:
+def _stop_startup(error: ValueError) -> None:
     """Make ServerArgs construction/validation raise.
 
     ``load_plugins()`` catches and only logs exceptions from a plugin entry, so
@@ -43,10 +43,21 @@ def _stop_startup(error: KnobError) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     def refuse(*args, **kwargs):
-        raise KnobError(error.name, error.value)
+        raise error
 
     HookRegistry.register(SERVER_ARGS_INIT, refuse, HookType.BEFORE)
     HookRegistry.register(SERVER_ARGS_CHECK, refuse, HookType.BEFORE)
+
+
+def _error_of(patches, status: registry.PatchStatus) -> ValueError:
+    """Re-create the exception behind an ``error`` status (evaluate keeps only text)."""
+    patch = next(p for p in patches if p.name == status.name)
+    try:
+        if patch.knob_value():
+            patch.validate(os.environ)
+    except ValueError as e:
+        return e
+    return ValueError(status.reason)
 
 
 def statuses() -> Optional[List[registry.PatchStatus]]:
@@ -65,7 +76,7 @@ def load() -> List[registry.PatchStatus]:
     if errors:
         for s in errors:
             logger.error("sglang-gemma4: %s -- refusing to start", s.reason)
-        first = KnobError(errors[0].knob, os.environ.get(errors[0].knob, ""))
+        first = _error_of(patches, errors[0])
         _stop_startup(first)
         _STATUSES = result
         raise first

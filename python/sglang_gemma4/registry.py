@@ -63,6 +63,13 @@ class Patch:
         """Reason string when the installed SGLang already does this patch."""
         return None
 
+    def validate(self, environ: Mapping[str, str]) -> None:
+        """Check the patch's extra settings (beyond its on/off knob).
+
+        Raise ``ValueError`` naming the variable, the value and what is allowed;
+        the patch then reports ``error`` and start-up is refused, like a bad knob.
+        """
+
     def register(self, value: Optional[bool]) -> None:  # pragma: no cover - abstract
         """Declare hooks with :meth:`hook` (and SGLang registries if needed)."""
         raise TypeError(f"patch {self.name} does not implement register()")
@@ -81,6 +88,20 @@ class Patch:
         env = os.environ if environ is None else environ
         v = parse_bool(self.knob, env.get(self.knob))
         return self.default if v is None else v
+
+
+class _ImportFailed(Patch):
+    knob = "-"
+    summary = "(patch module failed to import)"
+    seed = "-"
+
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__()
+        self.name = name
+        self.import_error = error
+
+    def knob_value(self, environ=None):
+        return True
 
 
 def resolve_target(path: str):
@@ -114,10 +135,13 @@ def all_patches() -> List[Patch]:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        patch = getattr(mod, "PATCH", None)
-        if not isinstance(patch, Patch):
-            raise TypeError(f"{mod.__name__} must define PATCH = <Patch subclass>()")
+        modname = f"{pkg.__name__}.{info.name}"
+        try:
+            patch = getattr(importlib.import_module(modname), "PATCH", None)
+            if not isinstance(patch, Patch):
+                raise TypeError(f"{modname} must define PATCH = <Patch subclass>()")
+        except Exception as e:  # one broken module must not take the others down
+            patch = _ImportFailed(info.name, f"{type(e).__name__}: {e}")
         patches.append(patch)
     return patches
 
@@ -142,9 +166,13 @@ def evaluate(
     def st(state: str, reason: str) -> PatchStatus:
         return PatchStatus(patch.name, patch.summary, patch.knob, _fmt_value(patch, env), state, reason)
 
+    if isinstance(patch, _ImportFailed):
+        return st(UNAVAILABLE, f"patch module failed to import: {patch.import_error}")
     try:
         value = patch.knob_value(env)
-    except KnobError as e:
+        if value:
+            patch.validate(env)
+    except ValueError as e:  # KnobError included
         return st(ERROR, str(e))
     if version not in SUPPORTED_SGLANG_VERSIONS:
         return st(
