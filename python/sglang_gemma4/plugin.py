@@ -53,8 +53,8 @@ def _error_of(patches, status: registry.PatchStatus) -> ValueError:
     """Re-create the exception behind an ``error`` status (evaluate keeps only text)."""
     patch = next(p for p in patches if p.name == status.name)
     try:
-        if patch.knob_value():
-            patch.validate(os.environ)
+        patch.knob_value()
+        patch.validate(os.environ)
     except ValueError as e:
         return e
     return ValueError(status.reason)

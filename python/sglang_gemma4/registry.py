@@ -170,7 +170,7 @@ def evaluate(
         return st(UNAVAILABLE, f"patch module failed to import: {patch.import_error}")
     try:
         value = patch.knob_value(env)
-        if value:
+        if value is not None and (value or patch.default is None):
             patch.validate(env)
     except ValueError as e:  # KnobError included
         return st(ERROR, str(e))
@@ -179,7 +179,8 @@ def evaluate(
             UNAVAILABLE,
             f"SGLang {version} is not supported (supported: {', '.join(SUPPORTED_SGLANG_VERSIONS)})",
         )
-    if not value:
+    # tri-state knobs (default None): 0 is a mode of its own, only unset stands down
+    if value is None or (value is False and patch.default is not None):
         why = "knob unset: SGLang's own behaviour" if value is None else "turned off by knob"
         extra = patch.detail(value)
         return st(DISABLED, f"{why}; {extra}" if extra else why)
