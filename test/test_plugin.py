@@ -5,7 +5,7 @@ import pkgutil
 
 import pytest
 
-from conftest import run_py
+from sglang_gemma4.testing.configs import run_py
 from sglang_gemma4 import cli, registry
 
 LOAD_AND_REPORT = r"""

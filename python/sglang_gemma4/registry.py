@@ -63,6 +63,11 @@ class Patch:
         """Reason string when the installed SGLang already does this patch."""
         return None
 
+    def unavailable(self) -> Optional[str]:
+        """Reason the patch cannot apply although its targets exist (e.g. the
+        code it re-states changed), else None."""
+        return None
+
     def validate(self, environ: Mapping[str, str]) -> None:
         """Check the patch's extra settings (beyond its on/off knob).
 
@@ -188,6 +193,12 @@ def evaluate(
         missing = missing_targets(patch.targets)
         if missing:
             return st(UNAVAILABLE, "hook target missing: " + "; ".join(missing))
+    try:
+        why = patch.unavailable()
+    except Exception as e:
+        why = f"availability check failed: {type(e).__name__}: {e}"
+    if why:
+        return st(UNAVAILABLE, why)
     try:
         up = patch.upstream()
     except Exception as e:

@@ -1,0 +1,213 @@
+"""Fused tail of the Gemma-4 decoder layer (the per-layer-embedding / PLE path).
+
+RMSNorm semantics (SGLang 0.5.17, ``sglang/srt/layers/layernorm.py``): every norm on
+this path (``post_feedforward_layernorm`` is ``RMSNorm``; ``post_per_layer_input_norm``
+is ``Gemma4RMSNorm`` with ``scale_shift=0``) multiplies by the weight **as is** (``w``,
+not ``1 + w``)::
+
+    rmsnorm(x, w) = float32(x) * rsqrt(mean(float32(x)^2) + eps) * float32(w)
+
+with ``eps = config.rms_norm_eps`` (1e-6 for Gemma-4). Everything here is computed in
+fp32 and rounded once, to ``x.dtype``, on store -- exactly like SGLang's own fused
+``gemma_rmsnorm_residual_scalar`` (``sglang/kernels/ops/layernorm/gemma4_fused_ops.py``)
+which this module's op of the same name replaces. The unfused model path rounds the
+norm output to the activation dtype before the residual add; that differs from the
+fused result by at most one rounding of the activation dtype.
+
+``layer_scalar`` is a 1-element buffer (``register_buffer("layer_scalar", torch.ones(1))``);
+pass that tensor (read on device, CUDA-graph safe) or a Python float.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_2d,
+    check_eps,
+    check_same,
+    check_scalar,
+    check_vector,
+    inner_contiguous,
+    next_pow2,
+    rowwise_num_warps,
+)
+
+
+@triton.jit
+def _rmsnorm_residual_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    s_ptr,  # 1-element scalar tensor (used when SCALAR_PTR)
+    out_ptr,
+    s_val,  # Python-float scalar (used when HAS_SCALAR and not SCALAR_PTR)
+    stride_x,
+    stride_r,
+    stride_o,
+    H,
+    eps,
+    HAS_SCALAR: tl.constexpr,
+    SCALAR_PTR: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One row per program, all in fp32:
+
+    1. rrms = rsqrt(sum(x^2) / H + eps)
+    2. y = x * rrms * w + r
+    3. if HAS_SCALAR: y = y * scalar
+    4. out = y rounded to out dtype (the only rounding)
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rrms = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    y = x * rrms * w + r
+    if HAS_SCALAR:
+        if SCALAR_PTR:
+            y = y * tl.load(s_ptr).to(tl.float32)
+        else:
+            y = y * s_val
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rmsnorm_residual(x, w, r, scalar, eps, has_scalar):
+    check_2d("x", x)
+    T, H = x.shape
+    check_vector("w", w, H, x.device)
+    check_same("r", r, "x", x)
+    eps = check_eps(eps)
+    s_tensor = check_scalar("scalar", scalar, x.device) if has_scalar else None
+
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T == 0 or H == 0:
+        return out
+    x, r = inner_contiguous(x), inner_contiguous(r)
+    block_h = next_pow2(H)
+    _rmsnorm_residual_kernel[(T,)](
+        x,
+        w.contiguous(),
+        r,
+        s_tensor if s_tensor is not None else out,  # dummy pointer when unused
+        out,
+        float(scalar) if has_scalar and s_tensor is None else 1.0,
+        x.stride(0),
+        r.stride(0),
+        out.stride(0),
+        H,
+        eps,
+        HAS_SCALAR=has_scalar,
+        SCALAR_PTR=s_tensor is not None,
+        BLOCK_H=block_h,
+        num_warps=rowwise_num_warps(block_h),
+    )
+    return out
+
+
+def gemma_rmsnorm_add(
+    x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``rmsnorm(x, w) + r`` for x, r [T, H]; fp32 math, one rounding to x.dtype."""
+    return _rmsnorm_residual(x, w, r, None, eps, has_scalar=False)
+
+
+def gemma_rmsnorm_residual_scalar(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    r: torch.Tensor,
+    scalar: Union[torch.Tensor, float],
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``(rmsnorm(x, w) + r) * scalar``; same argument order and semantics as SGLang
+    0.5.17's ``gemma_rmsnorm_residual_scalar(x, weight, residual, scalar, eps)``."""
+    return _rmsnorm_residual(x, w, r, scalar, eps, has_scalar=True)
+
+
+def gemma_rmsnorm_add_ref(x, w, r, eps: float = 1e-6):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float() + r.float()
+    return y.to(x.dtype)
+
+
+def gemma_rmsnorm_residual_scalar_ref(x, w, r, scalar, eps: float = 1e-6):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float() + r.float()
+    s = scalar.float().reshape(()) if isinstance(scalar, torch.Tensor) else float(scalar)
+    return (y * s).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- gelu(gate) * ple
+
+
+@triton.jit
+def _gelu_tanh_mul_kernel(
+    g_ptr,
+    p_ptr,
+    out_ptr,
+    T,
+    H,
+    stride_g,
+    stride_p,
+    stride_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Elementwise over a BLOCK_T x BLOCK_H tile, in fp32:
+
+    1. u = sqrt(2/pi) * (g + 0.044715 * g^3)
+    2. gelu_tanh(g) = 0.5 * g * (1 + tanh(u)) = g * sigmoid(2u) = g / (1 + exp(-2u))
+       (the sigmoid form needs no tanh and saturates cleanly: exp -> inf gives 0)
+    3. out = gelu_tanh(g) * ple, rounded once to out dtype
+    """
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows < T)[:, None] & (cols < H)[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + rows[:, None] * stride_p + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    y = g / (1.0 + tl.exp(-2.0 * u)) * p
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemma_gelu_tanh_mul(gate: torch.Tensor, ple: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh") * ple`` for [T, H] inputs; fp32 math, one
+    rounding to gate.dtype (the model rounds after gelu and after the multiply)."""
+    check_2d("gate", gate)
+    check_same("ple", ple, "gate", gate)
+    T, H = gate.shape
+    out = torch.empty((T, H), dtype=gate.dtype, device=gate.device)
+    if T == 0 or H == 0:
+        return out
+    gate, ple = inner_contiguous(gate), inner_contiguous(ple)
+    block_h = next_pow2(H)
+    # Aim for ~256 programs (spread over the SMs), tiles of at most 8192 elements.
+    max_t = max(1, 8192 // block_h)
+    block_t = min(max_t, next_pow2(triton.cdiv(T, 256)))
+    num_warps = max(1, min(8, block_t * block_h // 256))
+    _gelu_tanh_mul_kernel[(triton.cdiv(T, block_t),)](
+        gate,
+        ple,
+        out,
+        T,
+        H,
+        gate.stride(0),
+        ple.stride(0),
+        out.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def gemma_gelu_tanh_mul_ref(gate, ple):
+    g = torch.nn.functional.gelu(gate.float(), approximate="tanh")
+    return (g * ple.float()).to(gate.dtype)
