@@ -33,12 +33,13 @@ MAX_PATCHES = 2520
 GRID = 48
 
 
-def _setup():
+def _setup(mm_attention_backend=None):
     from sglang.srt import runtime_context as rc
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.server_args import ServerArgs
 
-    rc.publish(ServerArgs(model_path="dummy", device="cuda"), role="test")
+    kw = {"mm_attention_backend": mm_attention_backend} if mm_attention_backend else {}
+    rc.publish(ServerArgs(model_path="dummy", device="cuda", **kw), role="test")
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, nargs="+", default=[1, 6, 16])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="runs")
+    ap.add_argument("--mm-attention-backend", default=None,
+                    help="vision attention backend (SGLang's default when omitted; e.g. triton_attn "
+                         "where the FA3 kernels are not installed)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA")
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     from sglang_gemma4.patches import batched_encoder as be
     from sglang_gemma4.testing.hooks import patch_applied
 
-    _setup()
+    _setup(args.mm_attention_backend)
     model, vc = _model()
     backend = type(model.vision_tower.encoder.layers[0].self_attn.qkv_backend).__name__
     budget = be.budget_mb()

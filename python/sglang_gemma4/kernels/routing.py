@@ -156,13 +156,18 @@ def _gemma4_routing_kernel(
 
 
 def _launch_config(T: int, block_e: int):
-    # Small T is launch/latency-bound: one token per single-warp program keeps
-    # the dependency chain short. Large T is issue-bound: 4 warps, each warp owns
-    # whole rows (~512 keys) so every row reduction is one in-warp redux.
+    # Measured on H200 (bench/kernels.py --tune, E=128, runs/kernels-nvidia-h200.json):
+    # T<=2048 is launch-bound, any small tile is within noise of 1.6 us and 4x4 was
+    # best; mid T favours small tiles on 2 warps (more programs in flight); very
+    # large T favours 16-row tiles on 8 warps. Tile rows scale with 128/E so other
+    # expert counts keep the same elements per program.
     if T <= 2048:
-        return 1, 1
-    rows_per_warp = max(1, 512 // block_e)
-    return 4 * rows_per_warp, 4
+        bt, nw = 4, 4
+    elif T <= 16384:
+        bt, nw = 4, 2
+    else:
+        bt, nw = 16, 8
+    return max(1, min(128, bt * 128 // block_e)), nw
 
 
 def gemma4_routing(

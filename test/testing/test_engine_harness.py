@@ -1,0 +1,156 @@
+"""The engine runner's plumbing (subprocess, result file, timeout kill, log scan)
+and the greedy comparison, without SGLang: a stub child stands in for the engine."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from sglang_gemma4.testing import checkpoints as ck
+from sglang_gemma4.testing import engine, suite
+
+STUB = textwrap.dedent(
+    """
+    import json, os, sys, time
+    req = json.load(open(sys.argv[1]))
+    mode = os.environ["STUB_MODE"]
+    res = {"ok": False, "stage": "engine_start", "jobs": {}, "timings": {"engine_start_s": 0.1}}
+    json.dump(res, open(sys.argv[2], "w"))
+    print("child started", req["engine_kwargs"]["model_path"], flush=True)
+    if mode == "hang":
+        time.sleep(600)
+    if mode == "crash":
+        print("Traceback: boom", flush=True)
+        sys.exit(3)
+    if mode == "leak":
+        print("[2026] token_to_kv_pool_allocator memory leak detected! total=8192", flush=True)
+    for j in req["jobs"]:
+        res["jobs"][j["name"]] = {"tokens": [[p[-1]] * j["max_new_tokens"] for p in j["prompts"]],
+                                 "timings": {"tokens_per_s": 10.0}, "accept_length": None}
+    res.update(ok=True, stage="done")
+    json.dump(res, open(sys.argv[2], "w"))
+    """
+)
+
+
+@pytest.fixture
+def stub(tmp_path, monkeypatch):
+    (tmp_path / "stub_child.py").write_text(STUB)
+    monkeypatch.setattr(engine, "CHILD_MODULE", "stub_child")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return tmp_path
+
+
+def _run(stub, mode, **kw):
+    jobs = [engine.Job("a", [[2, 9, 10]], 4), engine.Job("b", [[2, 11]], 2)]
+    return engine.run_engine(stub / "model", jobs, env={"STUB_MODE": mode}, log_dir=stub / "logs", **kw)
+
+
+def test_jobs_round_trip(stub):
+    r = _run(stub, "ok")
+    assert r["ok"] and r["error"] is None and r["returncode"] == 0
+    assert r["jobs"]["a"]["tokens"] == [[10] * 4] and r["jobs"]["b"]["tokens"] == [[11] * 2]
+    assert r["checks_fired"] == [] and "child started" in r["log"]
+    assert r["engine_kwargs"]["attention_backend"] == "triton" and r["engine_kwargs"]["nccl_port"]
+
+
+def test_greedy_shape(stub):
+    r = engine.greedy(stub / "m", [[2, 5], [2, 6, 7]], 3, env={"STUB_MODE": "ok"}, log_dir=stub / "logs")
+    assert r["ok"] and r["tokens"] == [[5] * 3, [7] * 3] and r["accept_length"] is None
+    assert "tokens_per_s" in r["timings"] and "engine_start_s" in r["timings"]
+
+
+def test_crash_is_reported_with_log(stub):
+    r = _run(stub, "crash")
+    assert not r["ok"] and "exited with 3" in r["error"] and r["stage"] == "engine_start"
+    assert "boom" in r["log"]
+
+
+def test_timeout_kills_and_keeps_partial_result(stub):
+    r = _run(stub, "hang", timeout=3)
+    assert not r["ok"] and r["error"].startswith("timeout") and r["stage"] == "engine_start"
+    assert (stub / "logs").exists() and "child started" in r["log"]
+
+
+def test_leak_message_is_surfaced(stub):
+    r = _run(stub, "leak")
+    assert r["ok"] and len(r["checks_fired"]) == 1 and "memory leak detected" in r["checks_fired"][0]
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="checks must be one of"):
+        engine.run_engine(tmp_path, [], checks="paranoid")
+    with pytest.raises(ValueError, match="unique"):
+        engine.run_engine(tmp_path, [engine.Job("x", []), engine.Job("x", [])])
+
+
+def test_compare_greedy_stops_at_first_near_tie():
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    margins = [[1.0, 0.1, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    # flip after a near tie (prompt 0, pos 1) is allowed; prompt 1 differs at a decisive pos
+    c = engine.compare_greedy(ref, [[1, 9, 9, 9], [5, 6, 0, 8]], margins)
+    assert not c["ok"] and c["mismatches"] == [{"prompt": 1, "pos": 2, "ref": 7, "test": 0, "margin": 1.0}]
+    assert c["per_prompt"] == [1, 2] and c["compared"] == 3 and c["total"] == 8
+    c = engine.compare_greedy(ref, [[1, 2, 3, 4], [5, 6, 7, 8]], margins)
+    assert c["ok"] and c["per_prompt"] == [2, 4] and c["exact"] == [True, True]
+    # no margins: every position decisive
+    assert not engine.compare_greedy(ref, [[1, 9, 3, 4], [5, 6, 7, 8]])["ok"]
+    with pytest.raises(ValueError, match="prompt count"):
+        engine.compare_greedy(ref, ref[:1])
+
+
+def test_aligned_margins_drop_after_margin_pass_diverges():
+    job = {"tokens": [[1, 2, 3], [4, 5, 6]], "margin_pass_tokens": [[1, 9, 3], [4, 5, 6]],
+           "margins": [[1.0, 2.0, 3.0], [1.0, None, 3.0]]}
+    assert engine.aligned_margins(job) == [[1.0, 0.0, 0.0], [1.0, 0.0, 3.0]]
+    assert engine.aligned_margins({"tokens": [[1]]}) is None
+
+
+def test_mixed_prompts():
+    p = engine.mixed_prompts(16, 2048, seed=0)
+    assert p == engine.mixed_prompts(16, 2048, seed=0)
+    assert len(p) == 16 and all(x[0] == ck.BOS_ID for x in p)
+    assert all(ck.FIRST_PROMPT_ID <= t < 2048 for x in p for t in x[1:])
+    lens = sorted(len(x) for x in p)
+    assert lens[0] <= 5 and lens[-1] >= 256  # short and longer than the 32-token window
+
+
+def test_suite_comparisons_on_synthetic_results():
+    prompts = engine.mixed_prompts(suite.N_PROMPTS, 2048, seed=0)
+    chain = [ck.agree_continuation(p[-1], suite.MAX_NEW_TOKENS) for p in prompts]
+    ref = [[(i * 7 + k) % 2048 for k in range(suite.MAX_NEW_TOKENS)] for i in range(suite.N_PROMPTS)]
+    margins = [[2.0] * suite.MAX_NEW_TOKENS for _ in ref]
+
+    def res(tokens, m=None):
+        return {"ok": True, "jobs": {"mixed": {"tokens": tokens, "margins": m, "timings": {"tokens_per_s": 1.0}}}}
+
+    bad = [list(r) for r in ref]
+    bad[3][5] += 1
+    results = {
+        "dense_on": res(ref, margins), "dense_off": res(ref, margins),
+        "moe_on": res(ref, margins), "moe_off": res(bad, margins),
+        "random_spec_v2_0": res(ref), "random_spec_v2_1": res(bad),
+        "agree_nospec": res(chain), "agree_spec_v2_0": res(chain), "agree_spec_v2_1": res(bad),
+    }
+    c = suite.comparisons(results)
+    assert c["dense_plugin"]["ok"] and c["random_spec_v2_0"]["ok"] and c["agree_spec_v2_0"]["ok"]
+    assert not c["moe_plugin"]["ok"] and c["moe_plugin"]["mismatches"][0]["pos"] == 5
+    assert not c["random_spec_v2_1"]["ok"] and not c["agree_spec_v2_1"]["ok"]
+    s = suite.summarize(results)
+    assert s["dense_on"]["tokens_per_s"] == 1.0
+    json.dumps({"c": c, "s": s})
+
+
+def test_suite_configurations(tmp_path):
+    cfgs = suite.suite_configs(tmp_path)
+    by = {c.name: c for c in cfgs}
+    assert cfgs[0].name == "dense_on" and len(by) == len(cfgs) == 9
+    assert by["dense_off"].env == {"SGLANG_PLUGINS": "none"} and by["dense_on"].env == {}
+    for v in ("0", "1"):
+        a = by[f"agree_spec_v2_{v}"]
+        assert a.env == {suite.V2_KNOB: v} and a.engine_kwargs["speculative_algorithm"] == "NEXTN"
+        assert "agree_assistant" in a.engine_kwargs["speculative_draft_model_path"]
+        assert "assistant" in by[f"random_spec_v2_{v}"].engine_kwargs["speculative_draft_model_path"]
+    assert all(c.checks == "full" for c in cfgs)
