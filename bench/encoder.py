@@ -20,7 +20,6 @@ import datetime
 import importlib.metadata as md
 import json
 import re
-import socket
 import statistics
 import sys
 from pathlib import Path
@@ -34,19 +33,10 @@ GRID = 48
 
 
 def _setup(mm_attention_backend=None):
-    from sglang.srt import runtime_context as rc
-    from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.server_args import ServerArgs
+    from sglang_gemma4.testing.configs import init_sglang_single_process
 
     kw = {"mm_attention_backend": mm_attention_backend} if mm_attention_backend else {}
-    rc.publish(ServerArgs(model_path="dummy", device="cuda", **kw), role="test")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                    distributed_init_method=f"tcp://127.0.0.1:{port}")
-    ps.initialize_model_parallel(1)
+    init_sglang_single_process("cuda", **kw)
 
 
 class _LM(torch.nn.Module):

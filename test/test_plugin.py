@@ -1,9 +1,7 @@
 """The plugin as SGLang loads it: entry point, hooks, strict knobs, status."""
 
 import json
-import pkgutil
 
-import pytest
 
 from sglang_gemma4.testing.configs import run_py
 from sglang_gemma4 import cli, registry

@@ -11,7 +11,7 @@ import os
 from typing import List, Optional
 
 from sglang_gemma4 import registry
-from sglang_gemma4.knobs import KnobError
+
 
 logger = logging.getLogger("sglang_gemma4")
 

@@ -17,7 +17,7 @@ import pkgutil
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from sglang_gemma4 import SUPPORTED_SGLANG_VERSIONS
-from sglang_gemma4.knobs import KnobError, parse_bool
+from sglang_gemma4.knobs import parse_bool
 
 logger = logging.getLogger("sglang_gemma4")
 

@@ -10,7 +10,6 @@ dtype/device. The reference is the unpatched SGLang method on the same module.
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,7 @@ from torch import nn
 
 from sglang_gemma4 import registry
 from sglang_gemma4.patches import batched_encoder as be
+from sglang_gemma4.testing.configs import init_sglang_single_process
 from sglang_gemma4.testing.hooks import patch_applied
 
 PATCH = be.PATCH
@@ -29,26 +29,7 @@ PIX = 3 * PATCH_SIZE**2  # 48 != TEXT_HIDDEN: pixels are never taken for embeddi
 
 @pytest.fixture(scope="module")
 def sglang_cpu():
-    """Single-process gloo group + published ServerArgs (what SGLang's layers read)."""
-    from sglang.srt import runtime_context as rc
-    from sglang.srt.distributed import parallel_state as ps
-
-    try:
-        rc.get_mm()
-    except ValueError:
-        from sglang.srt.server_args import ServerArgs
-
-        rc.publish(ServerArgs(model_path="dummy", device="cpu"), role="test")
-    if not ps.model_parallel_is_initialized():
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        ps.init_distributed_environment(
-            world_size=1, rank=0, local_rank=0, backend="gloo",
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-        )
-        ps.initialize_model_parallel(1)
+    init_sglang_single_process("cpu")
 
 
 class _LanguageModelStub(nn.Module):

@@ -6,38 +6,13 @@ import pytest
 
 from sglang_gemma4 import registry
 from sglang_gemma4.patches.force_eagle import KNOB, PATCH, ForceEagleUnsupportedError
+from sglang_gemma4.testing.configs import write_target_and_assistant
 from sglang_gemma4.testing.hooks import patch_applied
-
-
-def _text(**kw):
-    from transformers import Gemma4TextConfig
-
-    base = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
-        sliding_window=16, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], num_kv_shared_layers=0,
-    )
-    base.update(kw)
-    return Gemma4TextConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    from transformers.models.gemma4_assistant.configuration_gemma4_assistant import Gemma4AssistantConfig
-
-    root = tmp_path_factory.mktemp("gemma4")
-    target = _text()
-    target.architectures = ["Gemma4ForCausalLM"]
-    target.save_pretrained(root / "target")
-    assistant = Gemma4AssistantConfig(
-        text_config=_text(hidden_size=32, num_hidden_layers=2, num_kv_shared_layers=2,
-                          layer_types=["sliding_attention", "full_attention"]),
-        backbone_hidden_size=64,
-    )
-    assistant.architectures = ["Gemma4AssistantForCausalLM"]
-    assistant.save_pretrained(root / "assistant")
-    return str(root / "target"), str(root / "assistant")
+    return write_target_and_assistant(tmp_path_factory.mktemp("gemma4"))
 
 
 def _args(paths, algo="NEXTN", **kw):

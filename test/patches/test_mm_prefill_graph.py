@@ -13,22 +13,10 @@ import pytest
 
 from sglang_gemma4 import registry
 from sglang_gemma4.patches.mm_prefill_graph import PATCH
+from sglang_gemma4.testing.configs import tiny_text_config
 from sglang_gemma4.testing.hooks import patch_applied
 
 KNOB = "SGLANG_ENABLE_PIECEWISE_CUDA_GRAPH_FOR_MM"
-
-
-def _text(**kw):
-    from transformers import Gemma4TextConfig
-
-    base = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
-        sliding_window=16, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], num_kv_shared_layers=0,
-    )
-    base.update(kw)
-    return Gemma4TextConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +24,10 @@ def paths(tmp_path_factory):
     from transformers import Gemma4Config
 
     root = tmp_path_factory.mktemp("gemma4mm")
-    mm = Gemma4Config(text_config=_text().to_dict())
+    mm = Gemma4Config(text_config=tiny_text_config().to_dict())
     mm.architectures = ["Gemma4ForConditionalGeneration"]
     mm.save_pretrained(root / "mm")
-    text = _text()
+    text = tiny_text_config()
     text.architectures = ["Gemma4ForCausalLM"]
     text.save_pretrained(root / "text")
     return str(root / "mm"), str(root / "text")

@@ -37,7 +37,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from sglang_gemma4.registry import Patch
 

@@ -1,0 +1,298 @@
+"""bf16 noise calibration of the tiny GPU-suite checkpoints, on CPU with transformers.
+
+Why: the engine suite compares greedy tokens of two engines only up to the
+first step whose reference top-1 margin is below a threshold
+(``engine.compare_greedy``). That threshold must come from how far two valid
+bf16 paths move a margin, measured independently of the engines under test.
+This script measures it on the exact checkpoints and prompts the suite uses
+(``checkpoints.build("dense_ple"|"moe")``, ``suite`` prompts, 24 new tokens):
+
+* paths: fp32 (weights are bf16 values, so fp32 is the exact reference);
+  bf16 one forward over the whole sequence ("full", like prefill/verify);
+  bf16 prompt forward + token-by-token KV-cache decode ("decode").
+* teacher-forced on the fp32 greedy trajectory: per step, the change of the
+  fp32 top-1/top-2 logit gap under each bf16 path (and between the two bf16
+  paths), the final-logit magnitude (softcap 30) and, for MoE, how often the
+  router's top-k expert set differs from fp32.
+* free-running bf16 greedy: first step that leaves the fp32 trajectory and
+  the fp32 margin there.
+* optionally (``--gpu-suite``), the recorded H200 runs teacher-forced through
+  the fp32 model: at every step, is the engine's token the fp32 argmax, and if
+  not by how much it is worse ("regret"); and |engine margin - fp32 margin|.
+
+``python bench/numerics_calibration.py --out runs/numerics-calibration.json
+--gpu-suite /tmp/r3/gpu-suite.json`` (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from sglang_gemma4.testing import checkpoints as ck
+from sglang_gemma4.testing import suite
+from sglang_gemma4.testing.engine import mixed_prompts
+
+PROMPT_SEED = {"dense_ple": 0, "moe": 1}  # as suite.suite_configs
+GPU_RUNS = {"dense_ple": ["dense_off", "dense_on", "random_spec_v2_0", "random_spec_v2_1"], "moe": ["moe_off", "moe_on"]}
+
+
+def load(variant: str, dtype: torch.dtype):
+    from safetensors.torch import load_file
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    path = ck.build(variant)
+    s = ck.spec(variant)
+    cfg = Gemma4TextConfig(**ck._strip(s.text.hf_dict()))
+    model = Gemma4ForCausalLM(cfg).eval()
+    sd = load_file(str(path / "model.safetensors"))
+    res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    if res.missing_keys or res.unexpected_keys:
+        raise RuntimeError(f"{variant}: state dict mismatch {res}")
+    return model.to(dtype), cfg
+
+
+class RouterTap:
+    """Records each MoE router's top-k expert ids per forward."""
+
+    def __init__(self, model):
+        self.calls: List[List[torch.Tensor]] = []
+        self.handles = []
+        self.routers = [m for n, m in model.named_modules() if n.endswith(".router")]
+        for i, r in enumerate(self.routers):
+            self.handles.append(r.register_forward_hook(self._hook(i)))
+        self.cur: Dict[int, torch.Tensor] = {}
+
+    def _hook(self, i):
+        def fn(mod, inp, out):
+            self.cur[i] = out[2].detach().sort(dim=-1).values.clone()
+
+        return fn
+
+    def take(self) -> Optional[torch.Tensor]:
+        """[layers, tokens, k] of the last forward."""
+        if not self.routers:
+            return None
+        t = torch.stack([self.cur[i] for i in range(len(self.routers))])
+        self.cur = {}
+        return t
+
+
+@torch.no_grad()
+def full_logits(model, seq: List[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([seq])).logits[0].float()
+
+
+@torch.no_grad()
+def decode_logits(model, prompt: List[int], cont: List[int]) -> torch.Tensor:
+    """Logits predicting cont[0..n-1]: prompt forward, then one token per step with the KV cache."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    pkv, rows = out.past_key_values, [out.logits[0, -1].float()]
+    for t in cont[:-1]:
+        out = model(input_ids=torch.tensor([[t]]), past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values
+        rows.append(out.logits[0, -1].float())
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: List[int], n: int) -> List[int]:
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    pkv, toks = out.past_key_values, []
+    for _ in range(n):
+        t = int(out.logits[0, -1].float().argmax())
+        toks.append(t)
+        if len(toks) == n:
+            break
+        out = model(input_ids=torch.tensor([[t]]), past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values
+    return toks
+
+
+@torch.no_grad()
+def greedy_full(model, prompt: List[int], n: int) -> List[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(full_logits(model, seq)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def margins_of(lg: torch.Tensor) -> torch.Tensor:
+    top = lg.topk(2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
+def quantiles(xs: List[float]) -> Dict[str, float]:
+    if not xs:
+        return {}
+    t = torch.tensor(xs, dtype=torch.float64).sort().values
+    q = lambda p: float(t[min(len(t) - 1, int(math.ceil(p * len(t))) - 1)])
+    return {"n": len(xs), "mean": float(t.mean()), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": float(t[-1])}
+
+
+def first_div(a: List[int], b: List[int]) -> Optional[int]:
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return k
+    return None
+
+
+def calibrate(variant: str, n_new: int) -> Dict[str, Any]:
+    V = ck.spec(variant).text.vocab_size
+    prompts = mixed_prompts(suite.N_PROMPTS, V, seed=PROMPT_SEED[variant])
+    m32, cfg = load(variant, torch.float32)
+    m16, _ = load(variant, torch.bfloat16)
+    tap32, tap16 = RouterTap(m32), RouterTap(m16)
+    rec: Dict[str, Any] = {"softcap": cfg.final_logit_softcapping, "prompts": []}
+    dgap = {"bf16_full_vs_fp32": [], "bf16_decode_vs_fp32": [], "bf16_decode_vs_bf16_full": [], "fp32_decode_vs_fp32_full": []}
+    dmargin = {k: [] for k in dgap}
+    top1_abs, expert_flip_frac, flip_dgap, noflip_dgap = [], [], [], []
+    for i, p in enumerate(prompts):
+        ref = greedy_decode(m32, p, n_new)  # fp32 trajectory
+        seq = p + ref
+        lo = len(p) - 1
+        L = {
+            "fp32": full_logits(m32, seq)[lo : lo + n_new],
+        }
+        r32 = tap32.take()
+        L["bf16_full"] = full_logits(m16, seq)[lo : lo + n_new]
+        r16 = tap16.take()
+        L["bf16_decode"] = decode_logits(m16, p, ref)
+        tap16.take()
+        L["fp32_decode"] = decode_logits(m32, p, ref)
+        tap32.take()
+        top2 = L["fp32"].topk(2, dim=-1).indices
+        a, b = top2[:, 0], top2[:, 1]
+        gap = {k: (v.gather(1, a[:, None]) - v.gather(1, b[:, None]))[:, 0] for k, v in L.items()}
+        marg = {k: margins_of(v) for k, v in L.items()}
+        pairs = {
+            "bf16_full_vs_fp32": ("bf16_full", "fp32"),
+            "bf16_decode_vs_fp32": ("bf16_decode", "fp32"),
+            "bf16_decode_vs_bf16_full": ("bf16_decode", "bf16_full"),
+            "fp32_decode_vs_fp32_full": ("fp32_decode", "fp32"),
+        }
+        for key, (x, y) in pairs.items():
+            dgap[key] += (gap[x] - gap[y]).abs().tolist()
+            dmargin[key] += (marg[x] - marg[y]).abs().tolist()
+        top1_abs += L["fp32"].max(dim=-1).values.abs().tolist()
+        row: Dict[str, Any] = {"len": len(p), "fp32_tokens": ref, "fp32_margins": [round(x, 4) for x in marg["fp32"].tolist()]}
+        if r32 is not None:
+            # router decisions for the positions that predict output tokens (and the whole prompt)
+            diff = (r32 != r16).any(dim=-1)  # [layers, tokens]
+            expert_flip_frac.append((int(diff.sum()), diff.numel()))
+            tok_flip = diff[:, lo : lo + n_new].any(dim=0)
+            d = (gap["bf16_full"] - gap["fp32"]).abs()
+            flip_dgap += d[tok_flip].tolist()
+            noflip_dgap += d[~tok_flip].tolist()
+            row["expert_set_flips"] = int(diff.sum())
+            row["expert_set_decisions"] = diff.numel()
+        for name, fn in (("bf16_decode", greedy_decode), ("bf16_full", greedy_full)):
+            toks = fn(m16, p, n_new)
+            k = first_div(ref, toks)
+            row[f"{name}_first_div"] = k
+            row[f"{name}_fp32_margin_at_div"] = None if k is None else round(float(marg["fp32"][k]), 4)
+        rec["prompts"].append(row)
+        print(f"[{variant}] prompt {i} len {len(p)}: bf16 decode div {row['bf16_decode_first_div']} "
+              f"(fp32 margin {row['bf16_decode_fp32_margin_at_div']}), full div {row['bf16_full_first_div']}", flush=True)
+    for h in tap32.handles + tap16.handles:
+        h.remove()
+    rec["delta_gap"] = {k: quantiles(v) for k, v in dgap.items()}
+    rec["delta_margin"] = {k: quantiles(v) for k, v in dmargin.items()}
+    rec["top1_logit_abs"] = quantiles(top1_abs)
+    divs = [r["bf16_decode_fp32_margin_at_div"] for r in rec["prompts"] if r["bf16_decode_fp32_margin_at_div"] is not None]
+    divs += [r["bf16_full_fp32_margin_at_div"] for r in rec["prompts"] if r["bf16_full_fp32_margin_at_div"] is not None]
+    rec["fp32_margin_at_bf16_divergence"] = {"count": len(divs), "max": max(divs) if divs else None, "values": sorted(divs)}
+    if expert_flip_frac:
+        f, n = map(sum, zip(*expert_flip_frac))
+        rec["moe"] = {
+            "expert_set_flips": f,
+            "expert_set_decisions": n,
+            "flip_rate": f / n,
+            "delta_gap_output_steps_with_a_flip": quantiles(flip_dgap),
+            "delta_gap_output_steps_without_flip": quantiles(noflip_dgap),
+        }
+    return rec
+
+
+def gpu_crosscheck(variant: str, doc: Dict[str, Any]) -> Dict[str, Any]:
+    """Each recorded engine trajectory through the fp32 model: regret and margin error per step."""
+    V = ck.spec(variant).text.vocab_size
+    prompts = mixed_prompts(suite.N_PROMPTS, V, seed=PROMPT_SEED[variant])
+    m32, _ = load(variant, torch.float32)
+    out: Dict[str, Any] = {}
+    for name in GPU_RUNS[variant]:
+        job = ((doc["results"].get(name) or {}).get("jobs") or {}).get("mixed") or {}
+        toks, gm = job.get("tokens"), job.get("margins")
+        mt = job.get("margin_pass_tokens")
+        if not toks:
+            continue
+        regrets, merr, worst = [], [], []
+        for i, p in enumerate(prompts):
+            t = toks[i]
+            lg = full_logits(m32, p + t)[len(p) - 1 : len(p) - 1 + len(t)]
+            best = lg.max(dim=-1)
+            chosen = lg.gather(1, torch.tensor(t)[:, None])[:, 0]
+            reg = (best.values - chosen).tolist()
+            regrets += reg
+            fm = margins_of(lg).tolist()
+            for k, r in enumerate(reg):
+                if r > 0:
+                    worst.append({"prompt": i, "pos": k, "regret": round(r, 4), "fp32_margin_prefix": round(fm[k], 4),
+                                  "token": t[k], "fp32_argmax": int(best.indices[k])})
+            if gm and mt:
+                for k in range(len(t)):
+                    if k < len(mt[i]) and mt[i][:k + 1] == t[:k + 1] and gm[i][k] is not None:
+                        merr.append(abs(gm[i][k] - fm[k]))
+        worst.sort(key=lambda w: -w["regret"])
+        out[name] = {
+            "steps": len(regrets),
+            "steps_not_fp32_argmax": sum(r > 0 for r in regrets),
+            "regret": quantiles([r for r in regrets if r > 0]),
+            "worst": worst[:12],
+            "engine_margin_vs_fp32_margin": quantiles(merr),
+        }
+        print(f"[gpu {name}] not-argmax steps {out[name]['steps_not_fp32_argmax']}/{len(regrets)}, "
+              f"max regret {out[name]['regret'].get('max')}, |margin err| {out[name]['engine_margin_vs_fp32_margin']}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/numerics-calibration.json"))
+    ap.add_argument("--gpu-suite", type=Path, default=None, help="gpu-suite.json to cross-check against fp32")
+    ap.add_argument("--variants", nargs="+", default=["dense_ple", "moe"])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    doc: Dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "setup": "CPU, transformers fp32 vs bf16 (Gemma4ForCausalLM, sdpa attention)",
+        "torch": torch.__version__,
+        "max_new_tokens": suite.MAX_NEW_TOKENS,
+        "variants": {},
+    }
+    import transformers
+
+    doc["transformers"] = transformers.__version__
+    gdoc = json.loads(a.gpu_suite.read_text()) if a.gpu_suite else None
+    for v in a.variants:
+        doc["variants"][v] = calibrate(v, suite.MAX_NEW_TOKENS)
+        if gdoc is not None:
+            doc["variants"][v]["gpu_vs_fp32"] = gpu_crosscheck(v, gdoc)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for v, r in doc["variants"].items():
+        print(v, json.dumps({k: r[k] for k in ("delta_gap", "delta_margin", "top1_logit_abs", "fp32_margin_at_bf16_divergence")}, indent=1))
+        if "moe" in r:
+            print(v, json.dumps(r["moe"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
