@@ -2,9 +2,8 @@
 
 import json
 
-
-from sglang_gemma4.testing.configs import run_py
 from sglang_gemma4 import cli, registry
+from sglang_gemma4.testing.configs import run_py
 
 LOAD_AND_REPORT = r"""
 import json, pkgutil
