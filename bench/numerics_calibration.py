@@ -43,6 +43,20 @@ PROMPT_SEED = {"dense_ple": 0, "moe": 1}  # as suite.suite_configs
 GPU_RUNS = {"dense_ple": ["dense_off", "dense_on", "random_spec_v2_0", "random_spec_v2_1"], "moe": ["moe_off", "moe_on"]}
 
 
+def fp32_router(model) -> None:
+    """Run every MoE router in fp32 (as SGLang's fused top-k does) inside a bf16 model."""
+    for name, mod in model.named_modules():
+        if name.endswith(".router"):
+            mod.float()
+            inner = mod.forward
+
+            def fwd(h, _inner=inner):
+                probs, w, idx = _inner(h.float())
+                return probs, w, idx
+
+            mod.forward = fwd
+
+
 def load(variant: str, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
@@ -143,13 +157,15 @@ def first_div(a: List[int], b: List[int]) -> Optional[int]:
     return None
 
 
-def calibrate(variant: str, n_new: int) -> Dict[str, Any]:
+def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, Any]:
     V = ck.spec(variant).text.vocab_size
     prompts = mixed_prompts(suite.N_PROMPTS, V, seed=PROMPT_SEED[variant])
     m32, cfg = load(variant, torch.float32)
     m16, _ = load(variant, torch.bfloat16)
+    if router_fp32:
+        fp32_router(m16)
     tap32, tap16 = RouterTap(m32), RouterTap(m16)
-    rec: Dict[str, Any] = {"softcap": cfg.final_logit_softcapping, "prompts": []}
+    rec: Dict[str, Any] = {"softcap": cfg.final_logit_softcapping, "router_fp32": router_fp32, "prompts": []}
     dgap = {"bf16_full_vs_fp32": [], "bf16_decode_vs_fp32": [], "bf16_decode_vs_bf16_full": [], "fp32_decode_vs_fp32_full": []}
     dmargin = {k: [] for k in dgap}
     top1_abs, expert_flip_frac, flip_dgap, noflip_dgap = [], [], [], []
@@ -198,7 +214,7 @@ def calibrate(variant: str, n_new: int) -> Dict[str, Any]:
             row[f"{name}_first_div"] = k
             row[f"{name}_fp32_margin_at_div"] = None if k is None else round(float(marg["fp32"][k]), 4)
         rec["prompts"].append(row)
-        print(f"[{variant}] prompt {i} len {len(p)}: bf16 decode div {row['bf16_decode_first_div']} "
+        print(f"[{variant}{' router_fp32' if router_fp32 else ''}] prompt {i} len {len(p)}: bf16 decode div {row['bf16_decode_first_div']} "
               f"(fp32 margin {row['bf16_decode_fp32_margin_at_div']}), full div {row['bf16_full_first_div']}", flush=True)
     for h in tap32.handles + tap16.handles:
         h.remove()
@@ -220,12 +236,27 @@ def calibrate(variant: str, n_new: int) -> Dict[str, Any]:
     return rec
 
 
-def gpu_crosscheck(variant: str, doc: Dict[str, Any]) -> Dict[str, Any]:
-    """Each recorded engine trajectory through the fp32 model: regret and margin error per step."""
+def window_masks(n: int, plen: int, window: int, decode_window: int) -> Dict[str, torch.Tensor]:
+    """Additive masks: prompt rows see ``window`` keys (self included), generated rows ``decode_window``."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    w = torch.where(i >= plen, torch.tensor(decode_window), torch.tensor(window))
+    f = lambda b: torch.where(b, 0.0, float("-inf"))[None, None]
+    return {"sliding_attention": f((j <= i) & (i - j < w)), "full_attention": f(j <= i)}
+
+
+def gpu_crosscheck(variant: str, doc: Dict[str, Any], decode_window_delta: int = 0) -> Dict[str, Any]:
+    """Each recorded engine trajectory through the fp32 model: regret and margin error per step.
+
+    ``decode_window_delta=-1`` emulates SGLang 0.5.17's triton decode, whose
+    sliding window holds ``sliding_window - 1`` keys (self included) while
+    extend/verify holds ``sliding_window``: the rows of generated tokens get
+    the shorter window.
+    """
     V = ck.spec(variant).text.vocab_size
+    W = ck.spec(variant).text.sliding_window
     prompts = mixed_prompts(suite.N_PROMPTS, V, seed=PROMPT_SEED[variant])
     m32, _ = load(variant, torch.float32)
-    out: Dict[str, Any] = {}
+    out: Dict[str, Any] = {"decode_window": W + decode_window_delta, "window": W}
     for name in GPU_RUNS[variant]:
         job = ((doc["results"].get(name) or {}).get("jobs") or {}).get("mixed") or {}
         toks, gm = job.get("tokens"), job.get("margins")
@@ -235,7 +266,10 @@ def gpu_crosscheck(variant: str, doc: Dict[str, Any]) -> Dict[str, Any]:
         regrets, merr, worst = [], [], []
         for i, p in enumerate(prompts):
             t = toks[i]
-            lg = full_logits(m32, p + t)[len(p) - 1 : len(p) - 1 + len(t)]
+            seq = p + t
+            with torch.no_grad():
+                lg = m32(input_ids=torch.tensor([seq]), attention_mask=window_masks(len(seq), len(p), W, W + decode_window_delta)).logits[0].float()
+            lg = lg[len(p) - 1 : len(p) - 1 + len(t)]
             best = lg.max(dim=-1)
             chosen = lg.gather(1, torch.tensor(t)[:, None])[:, 0]
             reg = (best.values - chosen).tolist()
@@ -257,7 +291,7 @@ def gpu_crosscheck(variant: str, doc: Dict[str, Any]) -> Dict[str, Any]:
             "worst": worst[:12],
             "engine_margin_vs_fp32_margin": quantiles(merr),
         }
-        print(f"[gpu {name}] not-argmax steps {out[name]['steps_not_fp32_argmax']}/{len(regrets)}, "
+        print(f"[gpu {name} decode window {W + decode_window_delta}] not-argmax steps {out[name]['steps_not_fp32_argmax']}/{len(regrets)}, "
               f"max regret {out[name]['regret'].get('max')}, |margin err| {out[name]['engine_margin_vs_fp32_margin']}", flush=True)
     return out
 
@@ -283,14 +317,18 @@ def main(argv=None) -> int:
     gdoc = json.loads(a.gpu_suite.read_text()) if a.gpu_suite else None
     for v in a.variants:
         doc["variants"][v] = calibrate(v, suite.MAX_NEW_TOKENS)
+        if ck.spec(v).text.num_experts:
+            doc["variants"][v + "+router_fp32"] = calibrate(v, suite.MAX_NEW_TOKENS, router_fp32=True)
         if gdoc is not None:
             doc["variants"][v]["gpu_vs_fp32"] = gpu_crosscheck(v, gdoc)
+            doc["variants"][v]["gpu_vs_fp32_decode_window_minus_1"] = gpu_crosscheck(v, gdoc, -1)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     for v, r in doc["variants"].items():
-        print(v, json.dumps({k: r[k] for k in ("delta_gap", "delta_margin", "top1_logit_abs", "fp32_margin_at_bf16_divergence")}, indent=1))
+        print(v, "delta_gap", json.dumps(r["delta_gap"]))
+        print(v, "fp32 margin at bf16 divergence", r["fp32_margin_at_bf16_divergence"]["values"])
         if "moe" in r:
-            print(v, json.dumps(r["moe"], indent=1))
+            print(v, json.dumps(r["moe"]))
     return 0
 
 
