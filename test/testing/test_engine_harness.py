@@ -86,15 +86,23 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         engine.run_engine(tmp_path, [engine.Job("x", []), engine.Job("x", [])])
 
 
-def test_compare_greedy_stops_at_first_near_tie():
+def test_compare_greedy_excuses_only_a_first_flip_at_a_near_tie():
     ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
     margins = [[1.0, 0.1, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
-    # flip after a near tie (prompt 0, pos 1) is allowed; prompt 1 differs at a decisive pos
-    c = engine.compare_greedy(ref, [[1, 9, 9, 9], [5, 6, 0, 8]], margins)
+    # flip at a near tie (prompt 0, pos 1) is excused; prompt 1 differs at a decisive pos
+    c = engine.compare_greedy(ref, [[1, 9, 9, 9], [5, 6, 0, 8]], margins, min_margin=0.5)
     assert not c["ok"] and c["mismatches"] == [{"prompt": 1, "pos": 2, "ref": 7, "test": 0, "margin": 1.0}]
+    assert c["excused"] == [{"prompt": 0, "pos": 1, "ref": 2, "test": 9, "margin": 0.1}]
     assert c["per_prompt"] == [1, 2] and c["compared"] == 3 and c["total"] == 8
-    c = engine.compare_greedy(ref, [[1, 2, 3, 4], [5, 6, 7, 8]], margins)
-    assert c["ok"] and c["per_prompt"] == [2, 4] and c["exact"] == [True, True]
+    c = engine.compare_greedy(ref, [[1, 2, 3, 4], [5, 6, 7, 8]], margins, min_margin=0.5)
+    assert c["ok"] and c["per_prompt"] == [3, 4] and c["exact"] == [True, True]
+    # a near tie that did not flip leaves the prefix shared: later positions still count
+    c = engine.compare_greedy(ref, [[1, 2, 9, 4], [5, 6, 7, 8]], margins, min_margin=0.5)
+    assert not c["ok"] and c["mismatches"][0]["pos"] == 2
+    # the threshold decides: 1.0 is a near tie under min_margin=2
+    assert engine.compare_greedy(ref, [[1, 2, 9, 4], [5, 6, 7, 8]], margins, min_margin=2.0)["ok"]
+    # a shorter test output is always a mismatch
+    assert not engine.compare_greedy(ref, [[1], [5, 6, 7, 8]], margins, min_margin=2.0)["ok"]
     # no margins: every position decisive
     assert not engine.compare_greedy(ref, [[1, 9, 3, 4], [5, 6, 7, 8]])["ok"]
     with pytest.raises(ValueError, match="prompt count"):
@@ -121,7 +129,8 @@ def test_suite_comparisons_on_synthetic_results():
     prompts = engine.mixed_prompts(suite.N_PROMPTS, 2048, seed=0)
     chain = [ck.agree_continuation(p[-1], suite.MAX_NEW_TOKENS) for p in prompts]
     ref = [[(i * 7 + k) % 2048 for k in range(suite.MAX_NEW_TOKENS)] for i in range(suite.N_PROMPTS)]
-    margins = [[2.0] * suite.MAX_NEW_TOKENS for _ in ref]
+    # above every calibrated threshold (engine.MIN_MARGIN)
+    margins = [[max(engine.MIN_MARGIN.values()) + 1.0] * suite.MAX_NEW_TOKENS for _ in ref]
 
     def res(tokens, m=None):
         return {"ok": True, "jobs": {"mixed": {"tokens": tokens, "margins": m, "timings": {"tokens_per_s": 1.0}}}}
@@ -138,6 +147,11 @@ def test_suite_comparisons_on_synthetic_results():
     assert c["dense_plugin"]["ok"] and c["random_spec_v2_0"]["ok"] and c["agree_spec_v2_0"]["ok"]
     assert not c["moe_plugin"]["ok"] and c["moe_plugin"]["mismatches"][0]["pos"] == 5
     assert not c["random_spec_v2_1"]["ok"] and not c["agree_spec_v2_1"]["ok"]
+    # per-variant thresholds: the same flip is excused where the reference is not decisive
+    low = {"dense_ple": 0.5, "moe": 100.0}
+    c = suite.comparisons(results, min_margin=low)
+    assert c["moe_plugin"]["ok"] and c["moe_plugin"]["excused"][0]["pos"] == 5 and c["moe_plugin"]["compared"] == 0
+    assert c["moe_plugin"]["min_margin"] == 100.0 and c["dense_plugin"]["min_margin"] == 0.5
     s = suite.summarize(results)
     assert s["dense_on"]["tokens_per_s"] == 1.0
     json.dumps({"c": c, "s": s})

@@ -28,11 +28,11 @@ from typing import Any, Dict, List, Optional
 
 from sglang_gemma4.testing import checkpoints
 from sglang_gemma4.testing.engine import (
-    DEFAULT_MIN_MARGIN,
     EngineConfig,
     Job,
     aligned_margins,
     compare_greedy,
+    min_margin_for,
     mixed_prompts,
     run_many,
     spec_kwargs,
@@ -92,8 +92,13 @@ def _strip(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in r.items() if k != "log"}
 
 
-def comparisons(results: Dict[str, Dict[str, Any]], min_margin: float = DEFAULT_MIN_MARGIN) -> Dict[str, Any]:
-    """All token comparisons the suite asserts, computed once (also for the JSON)."""
+def comparisons(results: Dict[str, Dict[str, Any]], min_margin: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """All token comparisons the suite asserts, computed once (also for the JSON).
+
+    ``min_margin``: checkpoint variant -> decisiveness threshold, default
+    :data:`engine.MIN_MARGIN` (calibrated, runs/numerics-calibration.md).
+    """
+    thr = lambda variant: (min_margin or {}).get(variant, min_margin_for(variant))
 
     def toks(name):
         r = results.get(name) or {}
@@ -105,16 +110,16 @@ def comparisons(results: Dict[str, Dict[str, Any]], min_margin: float = DEFAULT_
 
     out: Dict[str, Any] = {}
     pairs = [
-        ("dense_plugin", "dense_off", "dense_on"),
-        ("moe_plugin", "moe_off", "moe_on"),
-        ("random_spec_v2_0", "dense_on", "random_spec_v2_0"),
-        ("random_spec_v2_1", "dense_on", "random_spec_v2_1"),
+        ("dense_plugin", "dense_off", "dense_on", "dense_ple"),
+        ("moe_plugin", "moe_off", "moe_on", "moe"),
+        ("random_spec_v2_0", "dense_on", "random_spec_v2_0", "dense_ple"),
+        ("random_spec_v2_1", "dense_on", "random_spec_v2_1", "dense_ple"),
     ]
-    for key, ref, test in pairs:
+    for key, ref, test, variant in pairs:
         if toks(ref) is None or toks(test) is None:
             out[key] = {"ok": False, "error": f"missing tokens: {ref}={toks(ref) is not None} {test}={toks(test) is not None}"}
             continue
-        out[key] = dict(compare_greedy(toks(ref), toks(test), margins(ref), min_margin), ref=ref, test=test)
+        out[key] = dict(compare_greedy(toks(ref), toks(test), margins(ref), thr(variant)), ref=ref, test=test)
     prompts = mixed_prompts(N_PROMPTS, checkpoints.spec("agree_target").text.vocab_size, seed=0)
     expected = [checkpoints.agree_continuation(p[-1], MAX_NEW_TOKENS) for p in prompts]
     for name in ("agree_nospec", "agree_spec_v2_0", "agree_spec_v2_1"):
@@ -196,11 +201,17 @@ def describe(r: Dict[str, Any]) -> str:
 
 
 def load_or_run(out: Optional[Path] = None) -> Dict[str, Any]:
-    """The suite document; ``GPU_SUITE_REUSE=1`` reuses an existing ``gpu-suite.json``."""
+    """The suite document; ``GPU_SUITE_REUSE=1`` reuses an existing ``gpu-suite.json``.
+
+    On reuse the comparisons are recomputed from the stored tokens/margins, so
+    a changed comparison rule or threshold applies to old runs too.
+    """
     out = Path(out) if out is not None else out_dir()
     p = out / SUMMARY
     if os.environ.get("GPU_SUITE_REUSE") == "1" and p.exists():
-        return json.loads(p.read_text())
+        doc = json.loads(p.read_text())
+        doc["comparisons"] = comparisons(doc.get("results") or {})
+        return doc
     return run_suite(out)
 
 
