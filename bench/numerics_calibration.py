@@ -16,12 +16,22 @@ This script measures it on the exact checkpoints and prompts the suite uses
   router's top-k expert set differs from fp32.
 * free-running bf16 greedy: first step that leaves the fp32 trajectory and
   the fp32 margin there.
+* MoE routing (fp32 model): k-th vs (k+1)-th router score gap, top-1 share
+  of the top-k weights, expert usage per layer, distinct top-k sets.
+* the threshold rule (``min_margin_rule``) and ``comparison_estimate``: the
+  decisive fraction ``engine.compare_greedy`` would report for two valid bf16
+  paths standing in for plugin off/on (on dense_ple it predicts 67 % where the
+  H200 plugin A/B measured 66 %).
 * optionally (``--gpu-suite``), the recorded H200 runs teacher-forced through
   the fp32 model: at every step, is the engine's token the fp32 argmax, and if
   not by how much it is worse ("regret"); and |engine margin - fp32 margin|.
+  Runs whose first tokens are mostly not the fp32 argmax (recorded on another
+  checkpoint) are skipped.
 
 ``python bench/numerics_calibration.py --out runs/numerics-calibration.json
---gpu-suite /tmp/r3/gpu-suite.json`` (about a minute on 2 CPU cores).
+--gpu-suite /tmp/r3/gpu-suite.json`` (about 2 min per variant on 2 CPU cores,
+4 for moe). ``--variants moe`` re-runs only moe and keeps the other variants'
+recorded entries (and ``history``) of an existing ``--out`` file.
 """
 
 from __future__ import annotations
@@ -73,19 +83,25 @@ def load(variant: str, dtype: torch.dtype):
 
 
 class RouterTap:
-    """Records each MoE router's top-k expert ids per forward."""
+    """Records each MoE router's top-k expert ids (and score gaps, top-k weights) per forward."""
 
     def __init__(self, model):
-        self.calls: List[List[torch.Tensor]] = []
         self.handles = []
         self.routers = [m for n, m in model.named_modules() if n.endswith(".router")]
         for i, r in enumerate(self.routers):
             self.handles.append(r.register_forward_hook(self._hook(i)))
         self.cur: Dict[int, torch.Tensor] = {}
+        self.extra: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def _hook(self, i):
         def fn(mod, inp, out):
-            self.cur[i] = out[2].detach().sort(dim=-1).values.clone()
+            probs, weights, ids = out
+            self.cur[i] = ids.detach().sort(dim=-1).values.clone()
+            # softmax is monotone: log p_k - log p_{k+1} is the raw score gap
+            k = ids.shape[-1]
+            lp = probs.detach().float().log().sort(dim=-1, descending=True).values
+            w = weights.detach().float()
+            self.extra[i] = {"gap": lp[:, k - 1] - lp[:, k], "w_max": (w / w.sum(-1, keepdim=True)).max(-1).values}
 
         return fn
 
@@ -96,6 +112,12 @@ class RouterTap:
         t = torch.stack([self.cur[i] for i in range(len(self.routers))])
         self.cur = {}
         return t
+
+    def take_extra(self) -> Dict[str, torch.Tensor]:
+        """{"gap", "w_max"}: [layers, tokens] of the last forward."""
+        out = {k: torch.stack([self.extra[i][k] for i in range(len(self.routers))]) for k in ("gap", "w_max")}
+        self.extra = {}
+        return out
 
 
 @torch.no_grad()
@@ -169,6 +191,9 @@ def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, 
     dgap = {"bf16_full_vs_fp32": [], "bf16_decode_vs_fp32": [], "bf16_decode_vs_bf16_full": [], "fp32_decode_vs_fp32_full": []}
     dmargin = {k: [] for k in dgap}
     top1_abs, expert_flip_frac, flip_dgap, noflip_dgap = [], [], [], []
+    router_gap, router_wmax, topk_sets = [], [], set()
+    n_exp = getattr(cfg, "num_experts", None) or 0
+    usage = torch.zeros(cfg.num_hidden_layers, n_exp, dtype=torch.long)
     for i, p in enumerate(prompts):
         ref = greedy_decode(m32, p, n_new)  # fp32 trajectory
         seq = p + ref
@@ -177,6 +202,13 @@ def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, 
             "fp32": full_logits(m32, seq)[lo : lo + n_new],
         }
         r32 = tap32.take()
+        if r32 is not None:
+            ex = tap32.take_extra()
+            router_gap += ex["gap"].flatten().tolist()
+            router_wmax += ex["w_max"].flatten().tolist()
+            for layer, ids in enumerate(r32):
+                usage[layer] += torch.bincount(ids.flatten(), minlength=usage.shape[1])
+            topk_sets.update(tuple(x) for x in r32[:, lo : lo + n_new].reshape(-1, r32.shape[-1]).tolist())
         L["bf16_full"] = full_logits(m16, seq)[lo : lo + n_new]
         r16 = tap16.take()
         L["bf16_decode"] = decode_logits(m16, p, ref)
@@ -213,6 +245,12 @@ def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, 
             k = first_div(ref, toks)
             row[f"{name}_first_div"] = k
             row[f"{name}_fp32_margin_at_div"] = None if k is None else round(float(marg["fp32"][k]), 4)
+            row[f"{name}_tokens"] = toks
+        # what an engine's logprob pass reports for its own (bf16 decode) trajectory
+        own = full_logits(m16, p + row["bf16_decode_tokens"])[lo : lo + n_new]
+        row["bf16_decode_margins"] = [round(x, 4) for x in margins_of(own).tolist()]
+        if r32 is not None:
+            tap16.take()
         rec["prompts"].append(row)
         print(f"[{variant}{' router_fp32' if router_fp32 else ''}] prompt {i} len {len(p)}: bf16 decode div {row['bf16_decode_first_div']} "
               f"(fp32 margin {row['bf16_decode_fp32_margin_at_div']}), full div {row['bf16_full_first_div']}", flush=True)
@@ -232,8 +270,43 @@ def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, 
             "flip_rate": f / n,
             "delta_gap_output_steps_with_a_flip": quantiles(flip_dgap),
             "delta_gap_output_steps_without_flip": quantiles(noflip_dgap),
+            # fp32 model, every (layer, token) of prompt + output: k-th minus (k+1)-th router score
+            "router_score_gap_k_vs_k1": quantiles(router_gap),
+            "top1_share_of_topk_weight": quantiles(router_wmax),
+            "expert_usage_per_layer": usage.tolist(),
+            "distinct_topk_sets_at_output_steps": len(topk_sets),
         }
     return rec
+
+
+def min_margin_rule(rec: Dict[str, Any]) -> float:
+    """p99.9 of |Δgap| bf16 decode vs bf16 full, rounded up to 0.05 (see runs/numerics-calibration.md)."""
+    return math.ceil(round(rec["delta_gap"]["bf16_decode_vs_bf16_full"]["p999"] / 0.05, 6)) * 0.05
+
+
+def comparison_estimate(rec: Dict[str, Any], min_margin: float) -> Dict[str, Any]:
+    """What an engine A/B comparison (``engine.compare_greedy``) would get on this model.
+
+    Two valid bf16 paths stand in for plugin off/on: the reference is bf16
+    KV-cache decode with the margins of its own trajectory (a prefill over it,
+    like the engine's logprob pass); the test is bf16 full-sequence greedy.
+    Also fp32 (its margins) vs bf16 decode.
+    """
+    from sglang_gemma4.testing.engine import compare_greedy
+
+    rows = rec["prompts"]
+    out = {"min_margin": round(min_margin, 4)}
+    pairs = {
+        "bf16_decode_vs_bf16_full": ([r["bf16_decode_tokens"] for r in rows], [r["bf16_full_tokens"] for r in rows], [r["bf16_decode_margins"] for r in rows]),
+        "fp32_vs_bf16_decode": ([r["fp32_tokens"] for r in rows], [r["bf16_decode_tokens"] for r in rows], [r["fp32_margins"] for r in rows]),
+    }
+    for key, (ref, test, m) in pairs.items():
+        c = compare_greedy(ref, test, m, min_margin)
+        out[key] = {k: c[k] for k in ("ok", "compared", "total", "strict_fraction")}
+        out[key]["mismatches"] = c["mismatches"]
+        out[key]["excused"] = len(c["excused"])
+    out["ref_margin_decisive_fraction"] = sum(x >= min_margin for r in rows for x in r["bf16_decode_margins"]) / sum(len(r["bf16_decode_margins"]) for r in rows)
+    return out
 
 
 def window_masks(n: int, plen: int, window: int, decode_window: int) -> Dict[str, torch.Tensor]:
@@ -263,7 +336,7 @@ def gpu_crosscheck(variant: str, doc: Dict[str, Any], decode_window_delta: int =
         mt = job.get("margin_pass_tokens")
         if not toks:
             continue
-        regrets, merr, worst = [], [], []
+        regrets, merr, worst, first_off = [], [], [], 0
         for i, p in enumerate(prompts):
             t = toks[i]
             seq = p + t
@@ -273,6 +346,7 @@ def gpu_crosscheck(variant: str, doc: Dict[str, Any], decode_window_delta: int =
             best = lg.max(dim=-1)
             chosen = lg.gather(1, torch.tensor(t)[:, None])[:, 0]
             reg = (best.values - chosen).tolist()
+            first_off += reg[0] > 0
             regrets += reg
             fm = margins_of(lg).tolist()
             for k, r in enumerate(reg):
@@ -283,6 +357,11 @@ def gpu_crosscheck(variant: str, doc: Dict[str, Any], decode_window_delta: int =
                 for k in range(len(t)):
                     if k < len(mt[i]) and mt[i][:k + 1] == t[:k + 1] and gm[i][k] is not None:
                         merr.append(abs(gm[i][k] - fm[k]))
+        if first_off > len(prompts) // 2:
+            # the run's first tokens are not this model's: recorded on another checkpoint
+            out[name] = {"skipped": f"{first_off}/{len(prompts)} first tokens are not the fp32 argmax: suite run of a different checkpoint"}
+            print(f"[gpu {name}] skipped: {out[name]['skipped']}", flush=True)
+            continue
         worst.sort(key=lambda w: -w["regret"])
         out[name] = {
             "steps": len(regrets),
@@ -315,10 +394,22 @@ def main(argv=None) -> int:
 
     doc["transformers"] = transformers.__version__
     gdoc = json.loads(a.gpu_suite.read_text()) if a.gpu_suite else None
+    if a.out.exists():
+        # re-running some variants keeps the others' recorded numbers (and the history)
+        old = json.loads(a.out.read_text())
+        for k in ("variants", "history"):
+            doc.setdefault(k, {}).update({n: r for n, r in (old.get(k) or {}).items() if n.split("+")[0] not in a.variants})
     for v in a.variants:
         doc["variants"][v] = calibrate(v, suite.MAX_NEW_TOKENS)
         if ck.spec(v).text.num_experts:
             doc["variants"][v + "+router_fp32"] = calibrate(v, suite.MAX_NEW_TOKENS, router_fp32=True)
+        # threshold rule: the fp32-router model for MoE (SGLang routes in fp32)
+        base = doc["variants"].get(v + "+router_fp32") or doc["variants"][v]
+        mm = min_margin_rule(base)
+        doc["variants"][v]["min_margin_rule"] = round(mm, 4)
+        for name in (v, v + "+router_fp32"):
+            if name in doc["variants"]:
+                doc["variants"][name]["comparison_estimate"] = comparison_estimate(doc["variants"][name], mm)
         if gdoc is not None:
             doc["variants"][v]["gpu_vs_fp32"] = gpu_crosscheck(v, gdoc)
             doc["variants"][v]["gpu_vs_fp32_decode_window_minus_1"] = gpu_crosscheck(v, gdoc, -1)
@@ -328,7 +419,10 @@ def main(argv=None) -> int:
         print(v, "delta_gap", json.dumps(r["delta_gap"]))
         print(v, "fp32 margin at bf16 divergence", r["fp32_margin_at_bf16_divergence"]["values"])
         if "moe" in r:
-            print(v, json.dumps(r["moe"]))
+            print(v, json.dumps({k: x for k, x in r["moe"].items() if k != "expert_usage_per_layer"}))
+            print(v, "expert usage per layer", r["moe"]["expert_usage_per_layer"])
+        if "comparison_estimate" in r:
+            print(v, "min_margin", r.get("min_margin_rule"), "estimate", json.dumps(r["comparison_estimate"]))
     return 0
 
 

@@ -6,7 +6,9 @@ load every weight from the safetensors (the only parameters left are the
 k_norm weights of KV-shared layers, absent from real checkpoints too); the
 MoE variant gets swa_full_tokens_ratio 0.15 from our patch; the agree pair
 really implements next = pi(token) in an fp32 transformers forward (target)
-and in the assistant's own math; builds are deterministic and cached.
+and in the assistant's own math; the random variants are informative; the
+moe checkpoint's routing is decisive (wide top-k score gap, same expert sets
+in bf16); builds are deterministic and cached.
 """
 
 from __future__ import annotations
@@ -186,20 +188,27 @@ def test_agree_assistant_predicts_pi(built):
     assert (top.values[:, 0] - top.values[:, 1]).min().item() > 3.0
 
 
-def test_random_variants_are_informative(built):
-    """Random dense_ple: context-dependent greedy output, mostly decisive margins (fp32 reference)."""
+def _hf_model(path, dtype=torch.float32):
+    """transformers' Gemma4ForCausalLM with the checkpoint's weights."""
     from safetensors.torch import load_file
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-    from sglang_gemma4.testing.engine import mixed_prompts
-
-    meta = ck.load_meta(built["dense_ple"])
+    meta = ck.load_meta(path)
     model = Gemma4ForCausalLM(Gemma4TextConfig(**ck._strip(meta["hf_text_config"]))).float().eval()
-    sd = load_file(str(built["dense_ple"] / "model.safetensors"))
+    sd = load_file(str(path / "model.safetensors"))
     res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     assert not res.missing_keys and not res.unexpected_keys, res
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("variant", ["dense_ple", "moe"])
+def test_random_variants_are_informative(built, variant):
+    """Random variants: context-dependent greedy output, mostly decisive margins (fp32 reference)."""
+    from sglang_gemma4.testing.engine import mixed_prompts
+
+    model = _hf_model(built[variant])
     margins, argmax, inputs = [], [], []
-    for p in mixed_prompts(4, ck.spec("dense_ple").text.vocab_size, seed=0, max_len=64):
+    for p in mixed_prompts(4, ck.spec(variant).text.vocab_size, seed=0, max_len=64):
         with torch.no_grad():
             lg = model(input_ids=torch.tensor([p])).logits[0]
         top = lg.topk(2, dim=-1)
@@ -211,6 +220,65 @@ def test_random_variants_are_informative(built):
     assert len(set(argmax)) > len(argmax) // 8
     near_ties = sum(m < 0.25 for m in margins) / len(margins)
     assert near_ties < 0.15, near_ties
+
+
+def _router_tap(model):
+    """Per forward: {layer: (router input, transformers' top-k ids)}."""
+    seen = {}
+    for name, mod in model.named_modules():
+        if name.endswith(".router"):
+            layer = int(name.split(".")[-2])
+            mod.register_forward_hook(lambda m, inp, out, layer=layer: seen.__setitem__(layer, (inp[0].float(), out[2])))
+    return seen
+
+
+def test_moe_routing_is_decisive(built):
+    """The moe checkpoint's top-k expert set has a wide score margin on real hidden states.
+
+    fp32 transformers forward over the suite's prompt mix; router scores
+    recomputed here from the safetensors weights (Gemma-4 router math:
+    weightless RMSNorm, * scale * H**-0.5, proj). The k-th vs (k+1)-th score
+    gap must be far above bf16 resolution (ulp of the largest score), a bf16
+    forward must pick the same sets everywhere, and the routing must still
+    use several experts per token and different experts across tokens.
+    """
+    from safetensors.torch import load_file
+
+    from sglang_gemma4.testing.engine import mixed_prompts
+
+    t = ck.spec("moe").text
+    E, k, H = t.num_experts, t.top_k_experts, t.hidden_size
+    w = {n: v.float() for n, v in load_file(str(built["moe"] / "model.safetensors")).items() if ".router." in n}
+    m32, m16 = _hf_model(built["moe"]), _hf_model(built["moe"], torch.bfloat16)
+    tap32, tap16 = _router_tap(m32), _router_tap(m16)
+    gaps, ulps, top1_share, usage, sets, flips = [], [], [], torch.zeros(t.num_layers, E), set(), 0
+    for p in mixed_prompts(6, t.vocab_size, seed=1, max_len=96):
+        with torch.no_grad():
+            m32(input_ids=torch.tensor([p]))
+            m16(input_ids=torch.tensor([p]))
+        for layer, (x, ids32) in tap32.items():
+            pre = f"model.layers.{layer}.router."
+            xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w[pre + "scale"] * H**-0.5
+            scores = xn @ w[pre + "proj.weight"].t()
+            top = scores.topk(k + 1, dim=-1)
+            assert torch.equal(top.indices[:, :k].sort(-1).values, ids32.sort(-1).values), layer
+            gaps.append(top.values[:, k - 1] - top.values[:, k])
+            # bf16 spacing at the largest |score| of the token
+            ulps.append(2.0 ** (torch.floor(torch.log2(scores.abs().max(-1).values)) - 7))
+            soft = top.values[:, :k].softmax(-1)
+            top1_share.append(soft[:, 0])
+            usage[layer] += torch.bincount(ids32.flatten(), minlength=E)
+            sets.update(tuple(r) for r in ids32.sort(-1).values.tolist())
+            flips += int((tap16[layer][1].sort(-1).values != ids32.sort(-1).values).any(-1).sum())
+    gaps, ulps, top1_share = torch.cat(gaps), torch.cat(ulps), torch.cat(top1_share)
+    assert gaps.median() >= 32 * ulps.median(), (gaps.median(), ulps.median())
+    assert (gaps / ulps).min() >= 16, (gaps / ulps).min()
+    assert flips == 0, f"bf16 picks another expert set at {flips} (layer, token) decisions"
+    # informative routing: every expert serves tokens in every layer, many distinct sets,
+    # and the top-k weights are spread (not one expert with weight ~1)
+    assert (usage > 0).all(), usage
+    assert len(sets) > 50, len(sets)
+    assert top1_share.median() < 0.6 and top1_share.max() < 0.95, (top1_share.median(), top1_share.max())
 
 
 def test_build_is_deterministic_and_cached(root, built, tmp_path):

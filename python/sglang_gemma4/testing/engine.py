@@ -451,9 +451,11 @@ def run_many(
 # calibration in runs/numerics-calibration.md (bench/numerics_calibration.py):
 # the p99.9 of |change of the top-1/top-2 logit gap| between two valid bf16
 # paths (one forward over the sequence vs prompt + KV-cache decode), rounded
-# up to 0.05. The tiny MoE is far noisier (bf16 flips ~10 % of its router's
-# top-k sets even with an fp32 router): token equality decides little there.
-MIN_MARGIN: Dict[str, float] = {"dense_ple": 0.95, "moe": 5.75}
+# up to 0.05; for MoE with the router in fp32 (as SGLang routes). The moe
+# checkpoint (v2, "routed" init) has a k-th/(k+1)-th router score gap >= 2.2,
+# so bf16 never changes its expert sets; v1's near-tied random router flipped
+# ~10 % of them and needed 5.75.
+MIN_MARGIN: Dict[str, float] = {"dense_ple": 0.95, "moe": 1.4}
 DEFAULT_MIN_MARGIN = MIN_MARGIN["dense_ple"]
 
 
