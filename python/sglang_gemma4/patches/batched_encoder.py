@@ -45,6 +45,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 from sglang_gemma4.registry import Patch
 
 logger = logging.getLogger("sglang_gemma4")
+_ANNOUNCED = set()  # log the first batched call once per process: engine tests look for it
 
 TARGET_IMAGE = "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration.get_image_feature"
 TARGET_VIDEO = "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration.get_video_feature"
@@ -253,6 +254,12 @@ def _gemma4_features(original, self, items, position_attr):
         lambda p: _max_patches(budget, tower_bytes_per_patch(vt.config, p, elem)),
         _tower_max_rows(vt),
     )
+    if not _ANNOUNCED:
+        _ANNOUNCED.add(True)
+        logger.info(
+            "batched encoder: first call: %d images/frames, %d with pixels",
+            len(units), sum(u.embeds is None for u in units),
+        )
     return _assemble(
         units,
         encoded,

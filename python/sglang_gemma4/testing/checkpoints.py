@@ -7,8 +7,23 @@ wrapper) without a hub. ``build(variant)`` writes ``config.json`` +
 ``model.safetensors`` (+ ``generation_config.json``) under a cache directory
 keyed by a hash of the variant's full spec, so a changed spec never reuses a
 stale checkpoint. SGLang runs them with ``skip_tokenizer_init=True``: no
-tokenizer files are needed (the ``mm`` variant additionally needs
-``enable_multimodal=False``, see :data:`ENGINE_KWARGS`).
+tokenizer files are needed, except for the ``mm`` variant's images (below).
+
+Images (``mm``): SGLang 0.5.17 builds image items only through the Hugging
+Face processor loaded from the model path (``AutoProcessor``), even with
+``skip_tokenizer_init=True``: it decodes the request's ``input_ids`` with the
+processor's tokenizer, runs the processor on that text and the images (pixel
+patches, position ids, soft-token counts) and keeps the request's own ids,
+expanding each image token to the image's soft-token count
+(``SGLANG_MM_AVOID_RETOKENIZE``, on by default). So the ``mm`` directory also
+holds a tiny tokenizer (a word-level vocabulary ``t<id>`` over the
+checkpoint's 2048 ids plus Gemma-4's special tokens at their config ids,
+decode/encode an identity on ids) and transformers' Gemma-4 processor
+configuration with ``max_soft_tokens=70`` (every image padded to 630
+patches of 16 px, at most 70 soft tokens). :func:`image_prompt` writes a
+request the way Gemma-4 lays one out. ``ENGINE_KWARGS["mm"]`` keeps the
+text-only setting (``enable_multimodal=False``); :data:`IMAGE_ENGINE_KWARGS`
+serves images.
 
 Naming and shapes come from transformers' own Gemma-4 classes instantiated on
 the ``meta`` device, so the safetensors keys are exactly the Hugging Face
@@ -26,10 +41,10 @@ convention and SGLang converts them.
 
 Margins (near-tie logits): random tiny models have top-1/top-2 logit gaps that
 bf16 noise can flip, so "identical greedy tokens" is only meaningful where
-the reference's top-1 margin is clear. Two measures. (1) ``dense_ple`` and
-``moe`` use an untied head whose row norms are log-normal (sigma 1): a tied
-random Gemma-4 only repeats its input token (the sqrt(H)-scaled embedding
-dominates the residual: uninformative), Gaussian rows give a near-tie
+the reference's top-1 margin is clear. Two measures. (1) ``dense_ple``,
+``moe`` and ``mm`` use an untied head whose row norms are log-normal (sigma
+1): a tied random Gemma-4 only repeats its input token (the sqrt(H)-scaled
+embedding dominates the residual: uninformative), Gaussian rows give a near-tie
 (< 0.25 logit) at ~15 % of greedy steps, heavy-tailed rows at ~4 % (measured
 in fp32 with transformers on 8 prompts x 24 tokens: 64 % of tokens before
 the first near-tie, 32 distinct outputs, 2 % repeats). (2)
@@ -47,7 +62,8 @@ Variants (see :data:`VARIANTS`):
   assistant         Gemma4AssistantForCausalLM draft for dense_ple (centroid head)
   agree_target      dense_ple shape, next token = pi(token) with a clear margin
   agree_assistant   draft for agree_target predicting the same pi
-  mm                Gemma4ForConditionalGeneration with a small vision tower
+  mm                Gemma4ForConditionalGeneration: dense_ple's text stack, a small
+                    vision tower, tokenizer + processor files (serves images)
   e2b_w, e4b_w, moe26b_w   real widths/vocab, reduced depth (benchmarks)
 """
 
@@ -62,7 +78,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -200,6 +216,11 @@ class VisionSpec:
     patch_size: int = 16
     pooling_kernel_size: int = 3
     position_embedding_size: int = 1024
+    # image processor: soft tokens per image (one of transformers' 70/140/280/560/1120);
+    # every image is padded to max_soft_tokens * pooling_kernel_size**2 patches
+    max_soft_tokens: int = 70
+    # bump when the tokenizer/processor files written next to the weights change
+    processor_files_version: int = 1
 
     def hf_dict(self) -> Dict[str, Any]:
         return dict(
@@ -339,7 +360,9 @@ def _variants() -> Dict[str, CheckpointSpec]:
         backbone_hidden_size=agree_t.hidden_size,
         agree_seed=7,
     )
-    mm_text = dataclasses.replace(_DENSE_PLE, tie_word_embeddings=True, head_row_sigma=0.0)
+    # dense_ple's untied heavy-tailed head: with a tied head the output would only
+    # repeat the last prompt token, whatever the images hold (see module doc)
+    mm_text = _DENSE_PLE
     v["mm"] = CheckpointSpec(
         "mm",
         "mm",
@@ -431,8 +454,13 @@ DRAFT_FOR = {"dense_ple": "assistant", "agree_target": "agree_assistant"}
 
 # Engine kwargs a variant needs beyond the harness defaults.
 ENGINE_KWARGS: Dict[str, Dict[str, Any]] = {
-    # no tokenizer/processor files: run the mm wrapper's text path only
+    # text-only runs of the mm wrapper (token-id prompts, no image processing)
     "mm": {"enable_multimodal": False},
+}
+
+# Engine kwargs for serving images (tokenizer/processor files in the checkpoint).
+IMAGE_ENGINE_KWARGS: Dict[str, Dict[str, Any]] = {
+    "mm": {"enable_multimodal": True},
 }
 
 BIG_VARIANTS = ("e2b_w", "e4b_w", "moe26b_w")
@@ -485,7 +513,7 @@ def config_dict(s: CheckpointSpec) -> Dict[str, Any]:
             text_config=s.text.hf_dict(),
             vision_config=s.vision.hf_dict(),
             audio_config=None,
-            tie_word_embeddings=True,
+            tie_word_embeddings=s.text.tie_word_embeddings,
             **dict(s.mm_token_ids),
         )
     else:
@@ -780,6 +808,159 @@ def _target_embedding(target: CheckpointSpec, device: str):
 
 
 # --------------------------------------------------------------------------
+# Multimodal tokenizer / processor (mm)
+# --------------------------------------------------------------------------
+
+# Gemma-4's special-token strings (the ones SGLang's Gemma-4 processor matches)
+# for each id field of the mm config, and the tokenizer attribute naming each.
+MM_TOKEN_STRINGS: Dict[str, Tuple[str, str]] = {
+    "image_token_id": ("<|image|>", "image_token"),
+    "boi_token_id": ("<|image>", "boi_token"),
+    "eoi_token_id": ("<image|>", "eoi_token"),
+    "video_token_id": ("<|video|>", "video_token"),
+    "audio_token_id": ("<|audio|>", "audio_token"),
+    "boa_token_id": ("<|audio>", "boa_token"),
+    "eoa_token_index": ("<audio|>", "eoa_token"),
+}
+UNK_ID = 3
+IMAGE = "<image>"  # placeholder in :func:`image_prompt` parts
+
+
+def mm_token_id(variant: str, field: str) -> int:
+    """The id of ``field`` (e.g. ``"image_token_id"``) in an mm variant's vocab."""
+    ids = dict(spec(variant).mm_token_ids)
+    if field not in ids:
+        raise ValueError(f"{variant}: no {field!r}; known: {', '.join(ids)}")
+    return ids[field]
+
+
+def mm_vocab(s: CheckpointSpec) -> Dict[str, int]:
+    """Token string -> id over the whole vocab: specials at their config ids, ``t<id>`` elsewhere."""
+    special = {PAD_ID: "<pad>", EOS_ID: "<eos>", BOS_ID: "<bos>", UNK_ID: "<unk>"}
+    for field, tid in s.mm_token_ids:
+        if field not in MM_TOKEN_STRINGS:
+            raise ValueError(f"{s.name}: no token string known for {field!r}")
+        if not (FIRST_PROMPT_ID <= tid < s.text.vocab_size) or tid in special:
+            raise ValueError(f"{s.name}: {field}={tid} must be a free id in [{FIRST_PROMPT_ID}, {s.text.vocab_size})")
+        special[tid] = MM_TOKEN_STRINGS[field][0]
+    return {special.get(i, f"t{i}"): i for i in range(s.text.vocab_size)}
+
+
+def _mm_tokenizer(s: CheckpointSpec):
+    """A word-level fast tokenizer whose decode -> encode is the identity on ids.
+
+    Words are ``t<id>`` split on whitespace; specials are added tokens (matched
+    before splitting, so ``<|image><|image|>...`` written without spaces
+    tokenizes too); encode prepends ``<bos>`` like Gemma's tokenizer.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = mm_vocab(s)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [w for w in vocab if not w.startswith("t")]
+    tok.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in specials])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    extra = {MM_TOKEN_STRINGS[f][1]: MM_TOKEN_STRINGS[f][0] for f, _ in s.mm_token_ids}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=extra,
+        model_max_length=s.text.max_position_embeddings,
+    )
+
+
+def write_mm_processor(s: CheckpointSpec, out_dir: os.PathLike) -> None:
+    """Tokenizer + transformers ``Gemma4Processor`` files (what ``AutoProcessor`` loads).
+
+    Needs torchvision (transformers' Gemma-4 image/video processors).
+    """
+    from transformers.models.gemma4 import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    v = s.vision
+    if v is None:
+        raise ValueError(f"{s.name}: mm processor files need a vision spec")
+    # the tower's position table must cover the widest patch grid the resize can produce
+    max_side = v.max_soft_tokens * v.pooling_kernel_size  # patches (transformers' resize rule)
+    if max_side > v.position_embedding_size:
+        raise ValueError(f"{s.name}: position_embedding_size {v.position_embedding_size} < max patch side {max_side}")
+    geometry = dict(
+        patch_size=v.patch_size, max_soft_tokens=v.max_soft_tokens, pooling_kernel_size=v.pooling_kernel_size
+    )
+    processor = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessor(**geometry),
+        tokenizer=_mm_tokenizer(s),
+        video_processor=Gemma4VideoProcessor(**geometry),
+        image_seq_length=v.max_soft_tokens,
+    )
+    processor.save_pretrained(str(out_dir))
+
+
+def image_prompt(parts: Sequence[Any], variant: str = "mm") -> List[int]:
+    """A BOS-led prompt: ``parts`` are lists of text ids or :data:`IMAGE`.
+
+    Each image is written as Gemma-4 lays it out (``<|image> <|image|> <image|>``);
+    SGLang expands the middle token to the image's soft-token count.
+    """
+    boi, img, eoi = (mm_token_id(variant, f) for f in ("boi_token_id", "image_token_id", "eoi_token_id"))
+    specials = {PAD_ID, EOS_ID, BOS_ID, UNK_ID} | {t for _, t in spec(variant).mm_token_ids}
+    out = [BOS_ID]
+    for p in parts:
+        if isinstance(p, str) and p == IMAGE:
+            out += [boi, img, eoi]
+            continue
+        ids = [int(t) for t in p]
+        bad = [t for t in ids if t in specials or not 0 <= t < spec(variant).text.vocab_size]
+        if bad:
+            raise ValueError(f"text ids must be ordinary vocab ids, got {bad}")
+        out += ids
+    return out
+
+
+def expand_image_prompt(prompt: Sequence[int], soft_tokens: Sequence[int], variant: str = "mm") -> List[int]:
+    """``prompt`` with its i-th image token repeated ``soft_tokens[i]`` times (what the model sees)."""
+    img = mm_token_id(variant, "image_token_id")
+    n = sum(1 for t in prompt if t == img)
+    if n != len(soft_tokens):
+        raise ValueError(f"prompt has {n} image tokens, {len(soft_tokens)} counts given")
+    out, k = [], 0
+    for t in prompt:
+        if t == img:
+            out += [img] * int(soft_tokens[k])
+            k += 1
+        else:
+            out.append(int(t))
+    return out
+
+
+def synthetic_image(height: int, width: int, seed: int):
+    """A deterministic RGB PIL image: smooth random field plus noise (not constant patches)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [np.sin(xx * rng.uniform(0.02, 0.2) + yy * rng.uniform(0.02, 0.2) + rng.uniform(0, 6.3)) for _ in range(3)],
+        axis=-1,
+    )
+    px = 127.5 * (1.0 + 0.8 * base) + rng.normal(0.0, 20.0, (height, width, 3))
+    return Image.fromarray(np.clip(px, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------
 # build()
 # --------------------------------------------------------------------------
 
@@ -821,6 +1002,8 @@ def build(variant: str, root: Optional[os.PathLike] = None, force: bool = False)
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
         tensors = generate_weights(s, device=device)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if s.arch == "mm":
+            write_mm_processor(s, tmp)
         meta = {
             "variant": variant,
             "key": s.key(),
