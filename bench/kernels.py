@@ -2,14 +2,25 @@
 
     python bench/kernels.py --out runs/            # full sweep
     python bench/kernels.py --out runs/ --quick    # smoke run: fewer T, shorter reps
-    python bench/kernels.py --out runs/ --tune     # also sweep routing tile configs
+    python bench/kernels.py --out runs/ --tune     # also sweep routing and gelu_tanh_mul tile configs
 
-Per op and T it reports the median time (µs), the speed-up of our kernel over each
-baseline, the achieved bandwidth (each input read once + each output written once)
-and that bandwidth as a fraction of a device-to-device copy measured in the same run.
-Small T (<= 1024) is timed inside a CUDA graph (triton.testing.do_bench_cudagraph) so
-launch overhead is the GPU's, not Python's; larger T with do_bench (L2 flushed).
-Inputs are rotated over several buffer sets so small working sets do not sit in L2.
+Per op and T it reports the median time (µs) with its p20/p80, the speed-up of our
+kernel over each baseline, the achieved bandwidth (each input read once + each
+output written once) and that bandwidth as a fraction of a device-to-device copy
+measured the same way in the same run.
+
+One measurement for every T, every implementation and the --tune sweeps
+(:func:`_measure`): calls are captured back to back in a CUDA graph, rotating over
+input sets that together span >= 256 MiB (> 4x the H200's L2) whenever 64 sets
+suffice, so every call reads cold inputs (T >= 8192 for all ops here); smaller
+working sets stay L2-resident, as a router's or an MLP's output is when the next
+kernel reads it. The graph is replayed several times; per-call time = replay time /
+calls. No launch overhead, no host sync, and no L2-flush memset in the timed
+stream. (Until 2026-11-29 T > 1024 used triton's do_bench, which zeroes a 256 MiB
+buffer before every call and times the call right after it: the timed kernel
+then starts on an L2 full of dirty lines and a memory system still draining
+them, and the --tune sweep ran with other reps and another input generator than
+the table, so the two disagreed 2x for routing at T=32768.)
 
 Writes runs/kernels-<gpu>.json, .md and .png (plot skipped without matplotlib).
 Without a CUDA GPU it prints one line and exits 0.
@@ -30,8 +41,8 @@ import torch
 
 FULL_T = [1, 8, 32, 128, 256, 1024, 8192, 32768]
 QUICK_T = [1, 256, 8192]
-GRAPH_MAX_T = 1024  # at or below: CUDA-graph timing
 TUNE_T, TUNE_T_QUICK = [1, 256, 8192, 32768], [256, 8192]
+MAX_SETS = 64
 E, K = 128, 8
 H_NORM, H_PLE, H_TRIPLE = 2560, 256, 2816
 EPS = 1e-6
@@ -181,27 +192,93 @@ def _rotating(fn: Callable, sets: List[tuple]) -> Callable:
     return call
 
 
-def _time_us(fn: Callable, T: int, quick: bool) -> float:
-    import triton.testing as tt
+def _n_sets(per_call_bytes: int) -> int:
+    return max(1, min(MAX_SETS, math.ceil(ROTATE_BYTES / max(per_call_bytes, 1))))
 
-    fn()
+
+def _make_sets(op, T):
+    return [op["make"](T) for _ in range(_n_sets(op["bytes"](T)))]
+
+
+def _measure(fn: Callable, sets: List[tuple], quick: bool) -> Dict[str, float]:
+    """Per-call µs of ``fn`` over ``sets``: median and p20/p80 over graph replays.
+
+    The graph holds k * len(sets) calls (each set used k times, in turn), k
+    chosen so one replay lasts >= 2 ms (quick) / 5 ms; replays fill ~20 / 100 ms.
+    """
+    call = _rotating(fn, sets)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # JIT, cuBLAS handles, torch.compile: before capture
+        for _ in range(min(3, len(sets)) + 1):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    if T <= GRAPH_MAX_T:
-        ms = tt.do_bench_cudagraph(fn, rep=5 if quick else 25, return_mode="median")
-    else:
-        ms = tt.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
-    return ms * 1e3
+
+    def capture(n):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                call()
+        torch.cuda.synchronize()
+        return g
+
+    def replay_ms(g):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+
+    target_ms, rep_ms = (2.0, 20.0) if quick else (5.0, 100.0)
+    n = len(sets)
+    g = capture(n)
+    replay_ms(g)
+    t = replay_ms(g)
+    if t < target_ms:
+        k = min(max(1, 4096 // n), math.ceil(target_ms / max(t, 1e-3)))
+        if k > 1:
+            del g
+            n *= k
+            g = capture(n)
+            replay_ms(g)
+            t = replay_ms(g)
+    reps = max(5, min(200, math.ceil(rep_ms / max(t, 1e-3))))
+    per_call = sorted(1e3 * replay_ms(g) / n for _ in range(reps))
+    del g
+
+    def q(f):
+        return per_call[min(len(per_call) - 1, int(f * len(per_call)))]
+
+    return {"us": q(0.5), "p20": q(0.2), "p80": q(0.8), "calls_per_graph": n, "replays": reps}
 
 
 def _copy_gbps(quick: bool) -> float:
-    import triton.testing as tt
-
     n = 512 << 20  # 512 MiB, far beyond L2
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = tt.do_bench(lambda: dst.copy_(src), warmup=5, rep=20 if quick else 100, return_mode="median")
+    us = _measure(lambda d, s_: d.copy_(s_), [(dst, src)], quick)["us"]
     del src, dst
-    return 2 * n / (ms * 1e-3) / 1e9
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+def _launch_config(name: str, T: int) -> Optional[Dict]:
+    """The tile config our launcher picks by default (reported next to each time)."""
+    try:
+        if name == "routing":
+            from sglang_gemma4.kernels import routing
+
+            bt, nw = routing._launch_config(T, max(2, 1 << (E - 1).bit_length()))
+            return {"block_t": bt, "num_warps": nw, "method": "argmax" if K <= 16 else "bitonic"}
+        if name == "gelu_tanh_mul":
+            from sglang_gemma4.kernels import ple_tail
+
+            bt, nw = ple_tail._gelu_launch_config(T, max(1, 1 << (H_PLE - 1).bit_length()))
+            return {"block_t": bt, "num_warps": nw}
+    except (ImportError, AttributeError):
+        return None
+    return None
 
 
 def _first(x):
@@ -248,23 +325,22 @@ def bench(args) -> Dict:
         compiled = _compile(op["eager"])
         for T in t_values:
             per_call = op["bytes"](T)
-            n_sets = max(1, min(64, math.ceil(ROTATE_BYTES / max(per_call, 1))))
-            sets = [op["make"](T) for _ in range(n_sets)]
+            sets = _make_sets(op, T)
             ok, err = _sanity(name, op["ours"](*sets[0]), op["ref"](*sets[0]))
             if not ok:
                 print(f"WARNING {name} T={T}: ours vs reference max err {err:.3g}")
             row = {"op": name, "width": op["width"], "T": T, "bytes": per_call, "sanity_err": err,
-                   "timing": "cudagraph" if T <= GRAPH_MAX_T else "do_bench"}
+                   "timing": "cudagraph-rotate", "n_sets": len(sets), "config": _launch_config(name, T)}
             for impl in ("ours", "eager", "compile", "sglang"):
                 fn = {"ours": op["ours"], "eager": op["eager"], "compile": compiled, "sglang": op["sglang"]}[impl]
+                row[f"{impl}_us"] = row[f"{impl}_p20"] = row[f"{impl}_p80"] = None
                 if fn is None:
-                    row[f"{impl}_us"] = None
                     continue
                 try:
-                    row[f"{impl}_us"] = _time_us(_rotating(fn, sets), T, args.quick)
+                    m = _measure(fn, sets, args.quick)
+                    row[f"{impl}_us"], row[f"{impl}_p20"], row[f"{impl}_p80"] = m["us"], m["p20"], m["p80"]
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     print(f"  {name} T={T} {impl}: failed: {type(e).__name__}: {str(e)[:200]}")
-                    row[f"{impl}_us"] = None
             us = row["ours_us"]
             for impl in ("eager", "compile", "sglang"):
                 other = row[f"{impl}_us"]
@@ -276,7 +352,15 @@ def bench(args) -> Dict:
             del sets
             torch.cuda.empty_cache()
 
-    tune = _tune_routing(k, args.quick) if args.tune else None
+    all_ops = _ops(k, sgl)
+    tune = None
+    if args.tune:
+        tune = {}
+        if not args.ops or "routing" in args.ops:
+            tune["routing"] = _tune(all_ops["routing"], "routing", _routing_configs(), _routing_call(k), args.quick)
+        if not args.ops or "gelu_tanh_mul" in args.ops:
+            tune["gelu_tanh_mul"] = _tune(all_ops["gelu_tanh_mul"], "gelu_tanh_mul", _gelu_configs(),
+                                          _gelu_call(k), args.quick)
     import triton
 
     try:
@@ -294,41 +378,78 @@ def bench(args) -> Dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(args.quick),
         "copy_gbps": copy_gbps,
+        "timing": "CUDA graph of back-to-back calls over rotating input sets (see module doc)",
         "results": results,
-        "routing_tune": tune,
+        "tune": tune,
     }
 
 
-def _tune_routing(k, quick):
-    """Sweep (method, BLOCK_T, num_warps) for routing; prints the best per T."""
-    import triton.testing  # noqa: F401
+def _routing_configs():
+    return [{"method": m, "block_t": bt, "num_warps": nw}
+            for m in ("argmax", "bitonic") for bt in (1, 2, 4, 8, 16, 32) for nw in (1, 2, 4, 8)
+            if bt * E // nw >= 32]
 
-    out = []
+
+def _routing_call(k):
+    return lambda cfg: (lambda a, s: k.gemma4_routing(a, s, K, **cfg))
+
+
+def _gelu_configs():
+    # rows per program x warps; >= 1 element per thread, tiles up to 32768 elements
+    return [{"block_t": bt, "num_warps": nw}
+            for bt in (1, 2, 4, 8, 16, 32, 64, 128) for nw in (1, 2, 4, 8, 16)
+            if bt * H_PLE >= 32 * nw]
+
+
+def _gelu_call(k):
+    return lambda cfg: (lambda g, p: k.gemma_gelu_tanh_mul(g, p, **cfg))
+
+
+def _same(a, b):
+    """Exact for ids / elementwise ops; float sums may reassociate with the tile."""
+    if a.dtype.is_floating_point:
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    return torch.equal(a, b)
+
+
+def _tune(op, name, configs, call_for, quick):
+    """Sweep tile configs with the table's own inputs and :func:`_measure`.
+
+    Each T also re-times the default launch (``default_us``) in the same
+    sweep, so the table and the sweep can be checked against each other.
+    """
+    rows, summary = [], []
     for T in (TUNE_T if not quick else TUNE_T_QUICK):
-        sets = [(torch.randn(T, E, device=DEV).to(torch.bfloat16), torch.rand(E, device=DEV) + 0.5)
-                for _ in range(max(1, min(64, math.ceil(ROTATE_BYTES / (T * E * 2)))))]
+        sets = _make_sets(op, T)
+        ref = op["ours"](*sets[0])
         best = None
-        for method in ("argmax", "bitonic"):
-            for bt in (1, 2, 4, 8, 16, 32):
-                for nw in (1, 2, 4, 8):
-                    if bt * E // nw < 32:
-                        continue
-                    fn = _rotating(lambda a, s: k.gemma4_routing(a, s, K, block_t=bt, num_warps=nw, method=method), sets)
-                    try:
-                        us = _time_us(fn, T, True)
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  tune T={T} {method} bt={bt} nw={nw}: {type(e).__name__}")
-                        continue
-                    out.append({"T": T, "method": method, "block_t": bt, "num_warps": nw, "us": us})
-                    if best is None or us < best[0]:
-                        best = (us, method, bt, nw)
+        for cfg in configs:
+            fn = call_for(cfg)
+            try:
+                out = fn(*sets[0])
+                same = all(_same(a, b) for a, b in zip(
+                    out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)))
+                if not same:
+                    print(f"  tune {name} T={T} {cfg}: output differs from the default launch; skipped")
+                    continue
+                m = _measure(fn, sets, quick)
+            except Exception as e:  # noqa: BLE001
+                print(f"  tune {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append({"T": T, **cfg, "us": m["us"], "p20": m["p20"], "p80": m["p80"]})
+            if best is None or m["us"] < best[0]:
+                best = (m["us"], cfg)
+        default = _measure(op["ours"], sets, quick)
         if best is None:
-            print(f"routing tune T={T}: every config failed")
+            print(f"{name} tune T={T}: every config failed")
             continue
-        default_us = _time_us(_rotating(lambda a, s: k.gemma4_routing(a, s, K), sets), T, True)
-        print(f"routing tune T={T}: best {best[1]} block_t={best[2]} num_warps={best[3]} "
-              f"{best[0]:.2f} us (default {default_us:.2f} us)")
-    return out
+        summary.append({"T": T, "best": best[1], "best_us": best[0], "default_us": default["us"],
+                        "default_config": _launch_config(name, T)})
+        print(f"{name} tune T={T}: best {best[1]} {best[0]:.2f} us; default {_launch_config(name, T)} "
+              f"{default['us']:.2f} us (p20-p80 {default['p20']:.2f}-{default['p80']:.2f})")
+        del sets
+        torch.cuda.empty_cache()
+    return {"configs": rows, "summary": summary}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -336,6 +457,10 @@ def _tune_routing(k, quick):
 
 def _f(v, fmt):
     return "n/a" if v is None else format(v, fmt)
+
+
+def _cfg(c):
+    return "" if not c else " ".join(f"{k}={v}" for k, v in c.items())
 
 
 def _fmt_row(r):
@@ -350,8 +475,9 @@ def write_markdown(data, path):
         "",
         f"torch {data['torch']}, triton {data['triton']}, sglang {data['sglang']} "
         f"(kernels: {data['sglang_kernels']}), {data['date']}{' (quick)' if data['quick'] else ''}.",
-        f"Device-to-device copy: {data['copy_gbps']:.0f} GB/s. bf16. µs = median; T <= {GRAPH_MAX_T} "
-        "timed in a CUDA graph. ×X = X's time / ours (higher is better for us).",
+        f"Device-to-device copy: {data['copy_gbps']:.0f} GB/s. bf16. µs = median per call (p20-p80 for ours) "
+        "in a CUDA graph of back-to-back calls over rotating input sets (cold inputs from T = 8192). "
+        "×X = X's time / ours (higher is better for us).",
         "",
     ]
     ops = []
@@ -361,15 +487,24 @@ def write_markdown(data, path):
     for op in ops:
         rows = [r for r in data["results"] if r["op"] == op]
         lines += [f"## {op} ({rows[0]['width']})", "",
-                  "| T | ours µs | eager µs | compile µs | sglang µs | ×eager | ×compile | ×sglang | GB/s | % copy |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| T | ours µs | ours p20-p80 | config | eager µs | compile µs | sglang µs | ×eager | ×compile "
+                  "| ×sglang | GB/s | % copy |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(
-                f"| {r['T']} | {_f(r['ours_us'], '.2f')} | {_f(r['eager_us'], '.2f')} | {_f(r['compile_us'], '.2f')} "
+                f"| {r['T']} | {_f(r['ours_us'], '.2f')} | {_f(r.get('ours_p20'), '.2f')}-{_f(r.get('ours_p80'), '.2f')} "
+                f"| {_cfg(r.get('config'))} | {_f(r['eager_us'], '.2f')} | {_f(r['compile_us'], '.2f')} "
                 f"| {_f(r['sglang_us'], '.2f')} | {_f(r['x_eager'], '.2f')} | {_f(r['x_compile'], '.2f')} "
                 f"| {_f(r['x_sglang'], '.2f')} | {_f(r['gbps'], '.0f')} "
                 f"| {_f(r['frac_copy'] and 100 * r['frac_copy'], '.0f')} |"
             )
+        lines.append("")
+    for name, t in (data.get("tune") or {}).items():
+        lines += [f"## --tune {name}", "", "| T | best config | best µs | default config | default µs |",
+                  "|---:|---|---:|---|---:|"]
+        for r in t["summary"]:
+            lines.append(f"| {r['T']} | {_cfg(r['best'])} | {r['best_us']:.2f} | {_cfg(r['default_config'])} "
+                         f"| {r['default_us']:.2f} |")
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -412,7 +547,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/", help="output directory (default runs/)")
     p.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, shorter reps")
-    p.add_argument("--tune", action="store_true", help="also sweep routing BLOCK_T/num_warps/method")
+    p.add_argument("--tune", action="store_true",
+                   help="also sweep routing (block_t/num_warps/method) and gelu_tanh_mul (block_t/num_warps) tiles")
     p.add_argument("--ops", nargs="*", help="subset of ops to run")
     args = p.parse_args(argv)
 

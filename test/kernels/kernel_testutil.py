@@ -27,5 +27,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype=None, ulps: int = 1
     assert torch.isfinite(o).all() == torch.isfinite(r).all()
     torch.testing.assert_close(o, r, rtol=rtol, atol=atol)
     if r.numel():
-        err = (o - r).norm() / r.norm().clamp_min(1e-30)
-        assert err <= rel, f"relative error norm {err:.3g} > {rel}"
+        # relative norm with the elementwise atol as floor: a handful of outputs
+        # near zero (e.g. gelu of a negative gate) make a pure ratio ill-conditioned
+        diff, bound = (o - r).norm(), rel * r.norm() + atol * r.numel() ** 0.5
+        assert diff <= bound, f"error norm {diff:.3g} > {bound:.3g} (rel {rel}, atol {atol})"

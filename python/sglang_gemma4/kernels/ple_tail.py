@@ -20,7 +20,7 @@ pass that tensor (read on device, CUDA-graph safe) or a Python float.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import triton
@@ -177,21 +177,41 @@ def _gelu_tanh_mul_kernel(
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemma_gelu_tanh_mul(gate: torch.Tensor, ple: torch.Tensor) -> torch.Tensor:
+def _gelu_launch_config(T: int, block_h: int):
+    # Aim for ~256 programs (spread over the SMs), tiles of at most 8192 elements.
+    max_t = max(1, 8192 // block_h)
+    block_t = min(max_t, next_pow2(triton.cdiv(T, 256)))
+    return block_t, max(1, min(8, block_t * block_h // 256))
+
+
+def gemma_gelu_tanh_mul(
+    gate: torch.Tensor,
+    ple: torch.Tensor,
+    *,
+    block_t: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> torch.Tensor:
     """``gelu(gate, approximate="tanh") * ple`` for [T, H] inputs; fp32 math, one
-    rounding to gate.dtype (the model rounds after gelu and after the multiply)."""
+    rounding to gate.dtype (the model rounds after gelu and after the multiply).
+
+    ``block_t`` (rows per program) and ``num_warps``: tuning overrides for
+    bench/kernels.py --tune (powers of two); the defaults are a heuristic."""
     check_2d("gate", gate)
     check_same("ple", ple, "gate", gate)
+    for name, v in (("block_t", block_t), ("num_warps", num_warps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1) or v > 1024):
+            raise ValueError(f"{name} must be None or a power-of-two int in [1, 1024], got {v!r}")
+    if num_warps is not None and num_warps > 32:
+        raise ValueError(f"num_warps must be <= 32, got {num_warps}")
     T, H = gate.shape
     out = torch.empty((T, H), dtype=gate.dtype, device=gate.device)
     if T == 0 or H == 0:
         return out
     gate, ple = inner_contiguous(gate), inner_contiguous(ple)
     block_h = next_pow2(H)
-    # Aim for ~256 programs (spread over the SMs), tiles of at most 8192 elements.
-    max_t = max(1, 8192 // block_h)
-    block_t = min(max_t, next_pow2(triton.cdiv(T, 256)))
-    num_warps = max(1, min(8, block_t * block_h // 256))
+    bt, nw = _gelu_launch_config(T, block_h)
+    block_t = bt if block_t is None else block_t
+    num_warps = nw if num_warps is None else num_warps
     _gelu_tanh_mul_kernel[(triton.cdiv(T, block_t),)](
         gate,
         ple,

@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Dict, List
 
+JOB_MARK = "[sglang-gemma4 job]"
 META_KEYS = (
     "prompt_tokens",
     "completion_tokens",
@@ -58,16 +59,24 @@ def _margins(outputs: List[Dict[str, Any]]) -> List[List[Any]]:
 def _run_job(llm, job: Dict[str, Any]) -> Dict[str, Any]:
     prompts = job["prompts"]
     sp = _sampling(job["max_new_tokens"])
+    mm = {"image_data": job["image_data"]} if job.get("image_data") is not None else {}
     res: Dict[str, Any] = {"n_prompts": len(prompts), "max_new_tokens": job["max_new_tokens"]}
     walls, outputs = [], None
+    for _ in range(max(0, int(job.get("warmup", 0)))):
+        if job.get("flush_cache", True):
+            llm.flush_cache()
+        llm.generate(input_ids=prompts, sampling_params=sp, **mm)
+    # markers in the engine log: bench/e2e.py reads the scheduler's batch lines between them
+    print(f"{JOB_MARK} start {job['name']}", flush=True)
     for r in range(max(1, int(job.get("repeat", 1)))):
         if job.get("flush_cache", True):
             llm.flush_cache()
         t = time.perf_counter()
-        outs = llm.generate(input_ids=prompts, sampling_params=sp)
+        outs = llm.generate(input_ids=prompts, sampling_params=sp, **mm)
         walls.append(time.perf_counter() - t)
         if outputs is None:
             outputs = outs
+    print(f"{JOB_MARK} end {job['name']}", flush=True)
     tokens = [list(map(int, o["output_ids"])) for o in outputs]
     n_out = sum(len(t) for t in tokens)
     best = min(walls)
@@ -90,7 +99,7 @@ def _run_job(llm, job: Dict[str, Any]) -> Dict[str, Any]:
     if job.get("margins"):
         llm.flush_cache()
         outs = llm.generate(
-            input_ids=prompts, sampling_params=sp, return_logprob=True, top_logprobs_num=2
+            input_ids=prompts, sampling_params=sp, return_logprob=True, top_logprobs_num=2, **mm
         )
         res["margins"] = _margins(outs)
         res["margin_pass_tokens"] = [list(map(int, o["output_ids"])) for o in outs]

@@ -142,6 +142,12 @@ class Job:
     minus top-2 logprob (= logit gap). Separate pass so the timed/compared
     pass takes exactly the production path (logprobs change eligibility of
     some fast paths). ``repeat``: timed passes (tokens from the first).
+    ``image_data``: per prompt, a list of image file paths / data URLs (or
+    None), passed to ``Engine.generate(image_data=...)``; the prompt's ids
+    hold one image token per image (see ``checkpoints.image_prompt``).
+    ``warmup``: untimed passes of the same batch before the timed ones, so
+    one-off costs of a new shape (Triton JIT for a new M, first use of a
+    decode graph) stay out of the timings.
     """
 
     name: str
@@ -150,6 +156,14 @@ class Job:
     margins: bool = False
     repeat: int = 1
     flush_cache: bool = True
+    image_data: Optional[List[Optional[List[str]]]] = None
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_data is not None and len(self.image_data) != len(self.prompts):
+            raise ValueError(
+                f"Job {self.name!r}: image_data has {len(self.image_data)} entries for {len(self.prompts)} prompts"
+            )
 
     def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
