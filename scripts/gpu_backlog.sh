@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU validations written but not yet run on a GPU (session of 2026-11-29 ran out of device time).
+# Each part fits one <=10-minute device call; run them in order, results land under $OUT.
+#   scripts/gpu_backlog.sh swa|suite|repro|yoco|mm|fused|bench-kernels|bench-e2e|bench-enc
+set -u
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/gpu-out}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+if [ -f .gpu-bundle/setup.sh ]; then
+  # shellcheck disable=SC1091
+  source .gpu-bundle/setup.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/sglang-site . >/dev/null 2>&1
+fi
+PY=python3
+case "${1:-}" in
+  swa)   # triton SWA decode-window fix: regret vs fp32, spec vs no-spec (then make it default-on)
+    $PY -m pytest test/gpu/test_triton_swa_window_gpu.py -q -s 2>&1 | tee "$OUT/swa.txt" ;;
+  suite) # engine suite with the v2 MoE checkpoint and the calibrated comparison rule
+    $PY -m pytest test/gpu/test_engine_plugin.py test/gpu/test_engine_spec.py -q -rfE 2>&1 | tee "$OUT/suite.txt" ;;
+  repro) # crash_repro scripts on the H200 (paste outputs into the REPORT.md files)
+    for f in crash_repro/*/repro.py; do echo "== $f"; timeout 120 $PY "$f"; done 2>&1 | tee "$OUT/repro.txt" ;;
+  yoco)  $PY -m pytest test/gpu/test_yoco_gpu.py -q -rfE 2>&1 | tee "$OUT/yoco.txt" ;;
+  mm)    $PY -m pytest test/gpu/test_mm_engine_gpu.py test/gpu/test_batched_encoder_gpu.py -q -s -rfE 2>&1 | tee "$OUT/mm.txt" ;;
+  fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py test/gpu/test_frozen_kv_mtp_modes.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
+  bench-kernels) $PY bench/kernels.py --out "$OUT/runs" --tune 2>&1 | tee "$OUT/bench-kernels.txt" ;;
+  bench-e2e)
+    $PY bench/e2e.py --variants moe26b_w --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 2 --out "$OUT/runs"
+    $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 2 --out "$OUT/runs-ple" ;;
+  bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
+  *) echo "usage: $0 swa|suite|repro|yoco|mm|fused|bench-kernels|bench-e2e|bench-enc"; exit 2 ;;
+esac
