@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import socket
 
 import pytest
 import torch
@@ -37,27 +36,9 @@ def built(root):
 
 @pytest.fixture(scope="module")
 def sglang_cpu():
-    """Single-process gloo group + published ServerArgs (what SGLang's layers read)."""
-    from sglang.srt import runtime_context as rc
-    from sglang.srt.distributed import parallel_state as ps
+    from sglang_gemma4.testing.configs import init_sglang_single_process
 
-    try:
-        rc.get_mm()
-    except ValueError:
-        from sglang.srt.server_args import ServerArgs
-
-        rc.publish(ServerArgs(model_path="dummy", device="cpu"), role="test")
-    if not ps.model_parallel_is_initialized():
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        ps.init_distributed_environment(
-            world_size=1, rank=0, local_rank=0, backend="gloo",
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-        )
-        ps.initialize_model_parallel(1)
-
+    init_sglang_single_process("cpu")
 
 def _server_args(path, **kw):
     from sglang.srt.server_args import ServerArgs
