@@ -264,3 +264,22 @@ def test_knob_off_applies_nothing(clean_env):
     with patch_applied(fused_ple.PATCH, {"SGLANG_GEMMA4_FUSED_PLE": "0"}) as st:
         assert st.state == registry.DISABLED
         assert Gemma4DecoderLayer.forward is original
+
+
+def test_announce_once_is_traceable_by_fullgraph_dynamo(monkeypatch):
+    """tc_piecewise prefill compiles the layer forward with fullgraph=True; a
+    logger call traced there (first fused call inside capture) is a hard error."""
+    import types
+
+    monkeypatch.setattr(fused_ple, "_ANNOUNCED", set())
+    layer = types.SimpleNamespace(layer_id=3)
+
+    def f(x):
+        fused_ple.announce_once("compile probe", layer, x)
+        return x + 1
+
+    x = torch.ones(2, 2)
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), x + 1)
+    assert "compile probe" not in fused_ple._ANNOUNCED  # announced later, by an eager call
+    fused_ple.announce_once("compile probe", layer, x)
+    assert "compile probe" in fused_ple._ANNOUNCED

@@ -81,3 +81,13 @@ def test_ineligible_input_goes_to_sglangs_kernel(clean_env, ours):
     with patch_applied(fused_routing.PATCH, {}):
         with pytest.raises(AssertionError, match=r"expected \[T, E\] router logits"):
             gemma4_causal.gemma4_fused_routing(torch.zeros(2, 3, 8), torch.ones(8), 2)
+
+
+def test_scale_dtype_our_kernel_rejects_goes_to_sglang(monkeypatch):
+    """is_floating_point() also admits fp64/fp8 scales, which our kernel raises on:
+    the gate must send them to SGLang's function instead of taking the server down."""
+    monkeypatch.setattr(fused_routing, "_TEST_ALLOW_CPU", True)
+    logits = torch.randn(4, 8, device=DEVICE)
+    sentinel = object()
+    got = fused_routing.fused_routing(lambda *a: sentinel, logits, torch.ones(8, dtype=torch.float64, device=DEVICE), 2)
+    assert got is sentinel

@@ -53,7 +53,7 @@ def _eligible(gating_output, per_expert_scale, topk) -> bool:
         and per_expert_scale.dim() == 1
         and per_expert_scale.shape[0] == E
         and per_expert_scale.device == gating_output.device
-        and per_expert_scale.is_floating_point()
+        and per_expert_scale.dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
 
 
