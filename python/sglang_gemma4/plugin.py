@@ -12,7 +12,6 @@ from typing import List, Optional
 
 from sglang_gemma4 import registry
 
-
 logger = logging.getLogger("sglang_gemma4")
 
 SERVER_ARGS_INIT = "sglang.srt.server_args.ServerArgs.__post_init__"
