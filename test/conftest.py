@@ -9,7 +9,15 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hypothesis import settings  # noqa: E402
+
 from sglang_gemma4.testing.configs import KNOB_PREFIXES, write_gemma4_config  # noqa: E402
+
+# CI must not flake on a new random example: property tests draw a fixed example set
+# by default; HYPOTHESIS_PROFILE=explore searches afresh (and saves failures locally).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
