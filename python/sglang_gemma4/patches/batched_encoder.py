@@ -307,16 +307,7 @@ def batched_unified_patches(original, self, items, position_attr):
     encoded: List[Any] = [None] * len(units)
     counts = [int(p.shape[0]) for p in valid_pv]
     cap = _max_patches(budget, per_patch)
-    chunks, cur, cur_n = [], [], 0
-    for k, n in enumerate(counts):  # same rule as chunk_rows, variable row sizes
-        if cur and cur_n + n > cap:
-            chunks.append(cur)
-            cur, cur_n = [], 0
-        cur.append(k)
-        cur_n += n
-    if cur:
-        chunks.append(cur)
-    for chunk in chunks:
+    for chunk in chunk_rows(counts, cap):
         pv = torch.cat([valid_pv[k] for k in chunk]).to(device=device, dtype=dtype)
         pp = torch.cat([valid_pp[k] for k in chunk]).to(device=device)
         out = self.embed_vision(self.vision_embedder(pv.unsqueeze(0), pp.unsqueeze(0))).squeeze(0)

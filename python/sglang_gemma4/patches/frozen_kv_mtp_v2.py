@@ -2,7 +2,7 @@
 
 Seed PR #24 ("FROZEN_KV_MTP spec-v2 scaffolding") added SGLANG_FROZEN_KV_MTP_V2
 because its SGLang forced ``disable_overlap_schedule=True`` for FROZEN_KV_MTP
-and had no spec-v2 worker (the seed's v2 class only raised NotImplementedError).
+and had no spec-v2 worker (the seed's v2 class was a scaffold that refused to start).
 
 SGLang 0.5.17 changed the ground: ``SpeculativeAlgorithm.create_worker``
 always returns ``FrozenKVMTPWorkerV2`` ("V2 worker drives both overlap and
