@@ -17,7 +17,7 @@ from sglang_gemma4.testing.suite import describe, result_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-ALL = ["dense_on", "dense_off", "moe_on", "moe_off", "agree_nospec",
+ALL = ["dense_on", "dense_off", "dense_fixed", "moe_on", "moe_off", "agree_nospec",
        "agree_spec_v2_0", "agree_spec_v2_1", "random_spec_v2_0", "random_spec_v2_1"]
 # fp32 measurement of these checkpoints: ~64 % of output precedes the first near-tie
 MIN_STRICT_FRACTION = 0.35

@@ -44,7 +44,7 @@ def test_random_pair_spec_matches_nospec(engine_suite, v2):
     name = f"random_spec_v2_{v2}"
     c = engine_suite["comparisons"][name]
     assert "error" not in c, c["error"]
-    assert c["ok"], f"{name}: decisive mismatches vs dense_on {c['mismatches'][:5]}"
+    assert c["ok"], f"{name}: decisive mismatches vs dense_fixed {c['mismatches'][:5]}"
     assert c["strict_fraction"] >= 0.35, f"{name}: only {c['compared']}/{c['total']} decisive"
     r = result_of(engine_suite, name)
     assert r["jobs"]["mixed"]["accept_length"] is not None, describe(r)

@@ -83,15 +83,18 @@ def _expected(b, r, end, n):
 SEQ = [3, SWS, SWS + 1, SWS + 2, 40]  # below, at, just past, past the window
 
 
-def test_status_default_off_upstream_check_and_knob_off_applies_nothing(clean_env):
-    st = registry.evaluate(tsw.PATCH, {})
-    assert st.state == registry.DISABLED and "GPU validation" in st.reason
-    assert registry.evaluate(tsw.PATCH, ON).state == registry.ACTIVE
+OFF = {"SGLANG_GEMMA4_TRITON_SWA_WINDOW": "0"}
+
+
+def test_status_default_on_upstream_check_and_knob_off_applies_nothing(clean_env):
+    assert registry.evaluate(tsw.PATCH, {}).state == registry.ACTIVE  # default on since the H200 run
+    st = registry.evaluate(tsw.PATCH, OFF)
+    assert st.state == registry.DISABLED and "sliding_window - 1" in st.reason
     assert tsw.PATCH.upstream() is None  # 0.5.17 keeps min(seq_lens, sws)
     tb = _tb()
     before = {n: tb.TritonAttnBackend.__dict__[n] for n in
               ("__init__", "init_forward_metadata", "_update_decode_kv_buffers", "init_cuda_graph_state")}
-    with patch_applied(tsw.PATCH, {}) as st:
+    with patch_applied(tsw.PATCH, OFF) as st:
         assert st.state == registry.DISABLED
         assert all(tb.TritonAttnBackend.__dict__[n] is f for n, f in before.items())
     with patch_applied(tsw.PATCH, ON):

@@ -138,7 +138,7 @@ def test_suite_comparisons_on_synthetic_results():
     bad = [list(r) for r in ref]
     bad[3][5] += 1
     results = {
-        "dense_on": res(ref, margins), "dense_off": res(ref, margins),
+        "dense_on": res(ref, margins), "dense_off": res(ref, margins), "dense_fixed": res(ref, margins),
         "moe_on": res(ref, margins), "moe_off": res(bad, margins),
         "random_spec_v2_0": res(ref), "random_spec_v2_1": res(bad),
         "agree_nospec": res(chain), "agree_spec_v2_0": res(chain), "agree_spec_v2_1": res(bad),
@@ -160,8 +160,10 @@ def test_suite_comparisons_on_synthetic_results():
 def test_suite_configurations(tmp_path):
     cfgs = suite.suite_configs(tmp_path)
     by = {c.name: c for c in cfgs}
-    assert cfgs[0].name == "dense_on" and len(by) == len(cfgs) == 9
-    assert by["dense_off"].env == {"SGLANG_PLUGINS": "none"} and by["dense_on"].env == {}
+    assert cfgs[0].name == "dense_on" and len(by) == len(cfgs) == 10
+    assert by["dense_off"].env == {"SGLANG_PLUGINS": "none"} and by["dense_fixed"].env == {}
+    # plugin-on vs plugin-off identity is checked with the deliberate numeric fixes off
+    assert by["dense_on"].env == by["moe_on"].env == suite.FIXES_OFF
     for v in ("0", "1"):
         a = by[f"agree_spec_v2_{v}"]
         assert a.env == {suite.V2_KNOB: v} and a.engine_kwargs["speculative_algorithm"] == "NEXTN"

@@ -36,7 +36,10 @@ Eligibility: Triton backends built for a Gemma-4 model runner (target
 architectures and the FROZEN_KV_MTP assistant, whose decode reads the target's
 KV with the same window), identified once by an AFTER hook on ``__init__``.
 The bug is generic (Gemma-2/3, ...) but other models keep SGLang's behaviour.
-Default off until validated on a GPU (``test/gpu/test_triton_swa_window_gpu.py``).
+Default on since its H200 validation (issue #10, ``test/gpu/test_window_lossless_gpu.py``,
+``crash_repro/spec_swa_window_divergence``): on margin-checked probes plain decode
+then equals FROZEN_KV_MTP and the fp32 reference; without it plain decode leaves
+the reference at the first step whose window is full.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class TritonSwaWindow(Patch):
     name = "triton_swa_window"
     summary = "triton decode attends sliding_window keys on Gemma-4 SWA layers (SGLang keeps one fewer)"
     knob = "SGLANG_GEMMA4_TRITON_SWA_WINDOW"
-    default = False
+    default = True
     seed = "none (fp32 cross-check, runs/numerics-calibration.md; cf. sgl-project/sglang#32087)"
     targets = (INIT, INIT_CUDA_GRAPH_STATE, INIT_FORWARD_METADATA, UPDATE_DECODE_KV_BUFFERS,
                TRANSLATE_CUDA_GRAPH_LOCS)
@@ -164,8 +167,8 @@ class TritonSwaWindow(Patch):
 
     def detail(self, value: Optional[bool]) -> str:
         if value:
-            return "Gemma-4 triton decode window = sliding_window keys; awaiting GPU validation"
-        return "SGLang's triton decode window (sliding_window - 1 keys); opt in after GPU validation"
+            return "Gemma-4 triton decode window = sliding_window keys (plain decode == spec verify == HF)"
+        return "SGLang's triton decode window (sliding_window - 1 keys: plain decode drifts from the model)"
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType
