@@ -21,7 +21,8 @@ import torch
 
 from sglang_gemma4.testing import checkpoints as ck
 
-TINY = ["dense_ple", "moe", "assistant", "agree_target", "agree_assistant", "mm"]
+TINY = ["dense_ple", "moe", "assistant", "agree_target", "agree_assistant", "mm",
+        "window_probe", "window_probe_owner", "window_probe_assistant"]
 
 
 @pytest.fixture(scope="module")

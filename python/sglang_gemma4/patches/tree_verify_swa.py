@@ -20,6 +20,10 @@ without host syncs over the whole buffer, eagerly in ``init_forward_metadata``
 and into a static buffer in ``init_forward_metadata_out_graph`` (CUDA-graph
 capture and replay both run it outside the graph; the captured kernel reads
 that buffer). Full-attention layers and topk 1 keep SGLang's arguments.
+
+Not covered: ``--enable-deterministic-inference`` (SGLang's unified extend
+kernel) and decode context parallel (``dcp_size > 1``) take other kernels
+this patch does not rewrite; they keep SGLang's behaviour.
 """
 
 from __future__ import annotations
