@@ -18,13 +18,22 @@ import torch
 
 from sglang_gemma4.testing import window_lossless as wl
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+REUSE = [p for p in os.environ.get("WINDOW_LOSSLESS_REUSE", "").split(",") if p]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not REUSE, reason="needs CUDA")
 
 SELECTED = [n for n in os.environ.get("WINDOW_LOSSLESS_ENGINES", ",".join(wl.ENGINES)).split(",") if n]
 
 
 @pytest.fixture(scope="module")
 def summary():
+    if REUSE:
+        import json
+
+        merged = {"engines": {}}
+        for p in REUSE:
+            merged["engines"].update(json.loads(Path(p).read_text())["engines"])
+        print("\n" + wl.table(merged), flush=True)
+        return merged
     out = Path(os.environ.get("OUT", "gpu-out")) / "window-lossless"
     s = wl.run(out, SELECTED)
     print("\n" + wl.table(s), flush=True)
@@ -32,8 +41,8 @@ def summary():
 
 
 def _row(summary, name):
-    if name not in SELECTED:
-        pytest.skip(f"{name} not selected (WINDOW_LOSSLESS_ENGINES)")
+    if name not in SELECTED or (REUSE and name not in summary["engines"]):
+        pytest.skip(f"{name} not selected (WINDOW_LOSSLESS_ENGINES) or not in the reused runs")
     row = summary["engines"][name]
     assert "mixed" in row, f"{name}: engine failed: {row['error']} (log {row['log']})"
     return row
