@@ -32,6 +32,10 @@ def main() -> int:
     env = {"SGLANG_GEMMA4_TRITON_SWA_WINDOW": "1"} if a.with_fix else {"SGLANG_PLUGINS": "none"}
     s = wl.run(a.out, ["nospec", "spec_v2_1"], env, parallel=2)
     print(wl.table(s))
+    failed = [n for n, r in s["engines"].items() if "mixed" not in r]
+    if failed:
+        print(f"engines failed: {failed}; logs under {a.out}/logs")
+        return 1
     ps = wl.prompts()
     W = wl.ck.spec(wl.PROBE).text.sliding_window
     emu = wl.emulate_short_decode(ps)

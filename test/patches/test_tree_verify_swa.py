@@ -210,3 +210,31 @@ def test_status_on_sglang_0_5_17(clean_env):
     assert tvs.PATCH.upstream() is None  # 0.5.17 checks the window at prefix + tree index
     assert registry.evaluate(tvs.PATCH, {}).state == registry.ACTIVE
     assert registry.evaluate(tvs.PATCH, {"SGLANG_GEMMA4_TREE_VERIFY_SWA": "0"}).state == registry.DISABLED
+
+
+def test_cuda_graph_path_fills_one_static_buffer_from_sglangs_verify_buffer():
+    seqs = [3, 9]
+    mask = _tree_mask(seqs).to(torch.uint8)
+    lens = torch.tensor([N * (P + N) for P in seqs])
+    ind = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+    buf = torch.zeros(mask.shape[0] + 40, dtype=torch.uint8)
+    buf[: mask.shape[0]] = mask
+    b = type("B", (), {})()  # weak-referenceable, like the real backend
+    b._verify_mask, b.mask_indptr, b.num_draft_tokens = types.SimpleNamespace(buffer=buf), ind.clone(), N
+    tvs._STATE[b] = {"sws": SWS, "mask": None, "static": None}
+    fb = types.SimpleNamespace(forward_mode=types.SimpleNamespace(is_target_verify=lambda: True),
+                               req_pool_indices=torch.arange(2), seq_lens=torch.tensor(seqs),
+                               spec_info=types.SimpleNamespace(custom_mask=mask, draft_token_num=N))
+    tvs.after_init_out_graph(None, b, fb)
+    first = tvs._STATE[b]["mask"]
+    assert first is tvs._STATE[b]["static"] and first.data_ptr() != buf.data_ptr()
+    want = tvs.tree_window_mask(buf, ind, torch.tensor(seqs), N, SWS)
+    assert torch.equal(first, want)
+    buf[: mask.shape[0]] = 1  # next replay: SGLang refilled its buffer; ours is rewritten in place
+    tvs.after_init_out_graph(None, b, fb)
+    assert tvs._STATE[b]["mask"].data_ptr() == first.data_ptr()
+    assert torch.equal(first, tvs.tree_window_mask(buf, ind, torch.tensor(seqs), N, SWS))
+    fb.spec_info = types.SimpleNamespace(custom_mask=None)  # SGLang uses no tree mask: neither do we
+    tvs.after_init_out_graph(None, b, fb)
+    assert tvs._STATE[b]["mask"] is None
+    del tvs._STATE[b]

@@ -92,3 +92,59 @@ def test_assistant_head_maps_codes_like_the_target(models):
         s = g[tok]
         for head in (head_a, head_t):
             assert torch.nn.functional.cosine_similarity(head[s], codes[tok], dim=0) > 0.99
+
+
+def test_explicit_masks_equal_transformers_own_sliding_mask(models):
+    # the reference's masks must be Gemma-4's: same logits as transformers building its own masks
+    ms, _ = models
+    model, text = ms[wl.PROBE]
+    p = wl.prompts()[0] + wl.expected(wl.prompts()[:1])[0]
+    ids = torch.tensor([p])
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        explicit = model(input_ids=ids, attention_mask=reference.masks(len(p), len(p), text.sliding_window)).logits
+    assert torch.allclose(own, explicit, atol=1e-4)
+    with torch.no_grad():
+        short = model(input_ids=ids, attention_mask=reference.masks(len(p), 0, text.sliding_window,
+                                                                   decode_window=text.sliding_window - 1)).logits
+    assert (short - own).abs().max() > 1.0  # one key fewer is visible in the output
+
+
+def test_evaluate_and_table_on_synthetic_results():
+    ps = wl.prompts()
+    exp = wl.expected(ps)
+    pp = wl.prefix_prompts(ps)
+    bad = [list(e) for e in exp]
+    bad[2][7] = (bad[2][7] + 1) % V
+
+    def res(mixed, prefix=None, acc=None):
+        jobs = {"mixed": {"tokens": mixed, "meta": [{"cached_tokens": 0}] * len(mixed), "accept_length": acc}}
+        if prefix is not None:
+            jobs["prefix"] = {"tokens": prefix, "meta": [{"cached_tokens": 16}] * len(prefix), "accept_length": acc}
+        return {"ok": True, "jobs": jobs}
+
+    ev = wl.evaluate({"good": res(exp, wl.expected(pp), 2.2), "bad": res(bad),
+                      "dead": {"ok": False, "error": "boom", "jobs": {}}})
+    assert ev["good"]["mixed"]["first_diff"] == [None] * len(ps)
+    assert ev["good"]["prefix"]["first_diff"] == [None] * len(pp) and ev["good"]["prefix"]["cached_tokens"][0] == 16
+    assert ev["bad"]["mixed"]["first_diff"][2] == 7 and ev["bad"]["mixed"]["first_diff"].count(None) == len(ps) - 1
+    assert "prefix" not in ev["bad"] and "mixed" not in ev["dead"]
+    t = wl.table({"engines": ev})
+    assert "good" in t and "20/20" in t and "19/20" in t and "FAILED: boom" in t
+
+
+def test_engine_configurations(models):
+    _, root = models
+    cfgs = {c.name: c for c in wl.configs(ckpt_root=root)}
+    assert set(cfgs) == set(wl.ENGINES)
+    assert cfgs["nospec_eager"].engine_kwargs["disable_cuda_graph"] is True
+    assert "owner" in cfgs["owner_nospec"].model_path
+    for n in ("spec_v2_0", "spec_v2_1", "spec_v2_0_topk2", "spec_v2_1_topk2"):
+        kw = cfgs[n].engine_kwargs
+        assert cfgs[n].env[wl.V2_KNOB] == n.split("_")[2]
+        assert kw["speculative_eagle_topk"] == (2 if n.endswith("topk2") else 1)
+        assert wl.DRAFT in kw["speculative_draft_model_path"]
+    assert [j.name for j in cfgs["nospec"].jobs] == ["mixed", "prefix"]
+    assert cfgs["nospec"].jobs[1].flush_cache is False  # the prefix job must hit the cache of the first
+    with pytest.raises(ValueError, match="unknown window_lossless engines"):
+        wl.configs(["nope"], ckpt_root=root)

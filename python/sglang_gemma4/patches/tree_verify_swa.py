@@ -135,7 +135,10 @@ def after_init_out_graph(result, self, forward_batch, *args, **kwargs):
         return None
     st["mask"] = None
     vm = getattr(self, "_verify_mask", None)
-    if not forward_batch.forward_mode.is_target_verify() or vm is None:
+    spec = forward_batch.spec_info
+    # same condition as SGLang's own use of the tree mask in its CUDA-graph buffers
+    if (not forward_batch.forward_mode.is_target_verify() or vm is None or spec is None
+            or getattr(spec, "custom_mask", None) is None):
         return None
     # replay reuses the captured metadata, so read SGLang's static buffers, not
     # self.forward_metadata (an eager batch in between may have replaced it)
