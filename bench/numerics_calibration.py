@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from sglang_gemma4.testing import checkpoints as ck
+from sglang_gemma4.testing import reference
 from sglang_gemma4.testing import suite
 from sglang_gemma4.testing.engine import mixed_prompts
 
@@ -68,18 +69,9 @@ def fp32_router(model) -> None:
 
 
 def load(variant: str, dtype: torch.dtype):
-    from safetensors.torch import load_file
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-    path = ck.build(variant)
-    s = ck.spec(variant)
-    cfg = Gemma4TextConfig(**ck._strip(s.text.hf_dict()))
-    model = Gemma4ForCausalLM(cfg).eval()
-    sd = load_file(str(path / "model.safetensors"))
-    res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    if res.missing_keys or res.unexpected_keys:
-        raise RuntimeError(f"{variant}: state dict mismatch {res}")
-    return model.to(dtype), cfg
+    # transformers' default attention (sdpa), as the recorded calibration ran
+    model, _ = reference.load(variant, dtype=dtype, attn=None)
+    return model, model.config
 
 
 class RouterTap:
@@ -172,11 +164,7 @@ def quantiles(xs: List[float]) -> Dict[str, float]:
     return {"n": len(xs), "mean": float(t.mean()), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": float(t[-1])}
 
 
-def first_div(a: List[int], b: List[int]) -> Optional[int]:
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return k
-    return None
+first_div = reference.first_difference
 
 
 def calibrate(variant: str, n_new: int, router_fp32: bool = False) -> Dict[str, Any]:
@@ -311,10 +299,7 @@ def comparison_estimate(rec: Dict[str, Any], min_margin: float) -> Dict[str, Any
 
 def window_masks(n: int, plen: int, window: int, decode_window: int) -> Dict[str, torch.Tensor]:
     """Additive masks: prompt rows see ``window`` keys (self included), generated rows ``decode_window``."""
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    w = torch.where(i >= plen, torch.tensor(decode_window), torch.tensor(window))
-    f = lambda b: torch.where(b, 0.0, float("-inf"))[None, None]
-    return {"sliding_attention": f((j <= i) & (i - j < w)), "full_attention": f(j <= i)}
+    return reference.masks(n, plen, window, decode_window)
 
 
 def gpu_crosscheck(variant: str, doc: Dict[str, Any], decode_window_delta: int = 0) -> Dict[str, Any]:

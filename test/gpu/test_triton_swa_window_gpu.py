@@ -63,28 +63,20 @@ def _tokens(runs, name):
 
 
 def _fp32_model():
-    from safetensors.torch import load_file
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    from sglang_gemma4.testing import reference
 
-    from sglang_gemma4.testing import checkpoints as ck
-
-    s = ck.spec("dense_ple")
-    model = Gemma4ForCausalLM(Gemma4TextConfig(**ck._strip(s.text.hf_dict()))).eval()
-    sd = load_file(str(ck.build("dense_ple") / "model.safetensors"))
-    res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-    assert not res.missing_keys and not res.unexpected_keys, res
-    return model, s.text.sliding_window
+    model, text = reference.load("dense_ple", attn=None)
+    return model, text.sliding_window
 
 
 def _max_regret(model, window, prompts, toks):
+    from sglang_gemma4.testing import reference
+
     worst = 0.0
     for p, t in zip(prompts, toks):
         n = len(p) + len(t)
-        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        f = lambda b: torch.where(b, 0.0, float("-inf"))[None, None]
-        masks = {"sliding_attention": f((j <= i) & (i - j < window)), "full_attention": f(j <= i)}
         with torch.no_grad():
-            lg = model(input_ids=torch.tensor([p + t]), attention_mask=masks).logits[0].float()
+            lg = model(input_ids=torch.tensor([p + t]), attention_mask=reference.masks(n, n, window)).logits[0].float()
         lg = lg[len(p) - 1: len(p) - 1 + len(t)]
         chosen = lg.gather(1, torch.tensor(t)[:, None])[:, 0]
         worst = max(worst, float((lg.max(dim=-1).values - chosen).max()))

@@ -16,8 +16,14 @@ from typing import Dict, List, Optional, Sequence
 from sglang_gemma4.testing import checkpoints as ck
 
 
-def load(variant: str, root: Optional[os.PathLike] = None, device: str = "cpu"):
-    """(fp32 transformers model, its TextSpec) for a causal checkpoint variant."""
+def load(variant: str, root: Optional[os.PathLike] = None, device: str = "cpu", dtype=None,
+         attn: Optional[str] = "eager"):
+    """(transformers model, its TextSpec) for a causal checkpoint variant.
+
+    The checkpoint's (bf16) weights are loaded into fp32, then cast to
+    ``dtype`` (default fp32). ``attn=None`` keeps transformers' default
+    attention implementation.
+    """
     import torch
     from safetensors.torch import load_file
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
@@ -26,13 +32,14 @@ def load(variant: str, root: Optional[os.PathLike] = None, device: str = "cpu"):
     if s.arch != "causal":
         raise ValueError(f"{variant}: the fp32 reference runs causal text checkpoints only, not {s.arch!r}")
     cfg = Gemma4TextConfig(**ck._strip(s.text.hf_dict()))
-    cfg._attn_implementation = "eager"
+    if attn is not None:
+        cfg._attn_implementation = attn
     model = Gemma4ForCausalLM(cfg).eval()
     sd = load_file(str(ck.build(variant, root) / "model.safetensors"))
     res = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     if res.missing_keys or res.unexpected_keys:
         raise RuntimeError(f"{variant}: checkpoint does not match transformers' model: {res}")
-    return model.to(device=device, dtype=torch.float32), s.text
+    return model.to(device=device, dtype=torch.float32 if dtype is None else dtype), s.text
 
 
 def masks(n: int, prompt_len: int, window: int, decode_window: Optional[int] = None, device: str = "cpu"):

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from sglang_gemma4.patches import tree_verify_swa, triton_swa_window
 from sglang_gemma4.testing import checkpoints
 from sglang_gemma4.testing.engine import (
     EngineConfig,
@@ -47,7 +48,7 @@ PLUGIN_OFF = {"SGLANG_PLUGINS": "none"}
 # Patches that fix SGLang numerics on purpose (issue #10): output differs from
 # unpatched SGLang wherever a sliding window is full, so plugin-on vs plugin-off
 # identity is checked with them off.
-FIXES_OFF = {"SGLANG_GEMMA4_TRITON_SWA_WINDOW": "0", "SGLANG_GEMMA4_TREE_VERIFY_SWA": "0"}
+FIXES_OFF = {tree_verify_swa.PATCH.knob: "0", triton_swa_window.PATCH.knob: "0"}
 V2_KNOB = "SGLANG_FROZEN_KV_MTP_V2"
 SUMMARY = "gpu-suite.json"
 

@@ -42,7 +42,6 @@ MIN_MARGIN = 3.0  # fp32 top-1 margin every compared position must have (bf16 no
 # so ~2 with topk 1 (the bonus alone gives 1.0)
 MIN_ACCEPT = 1.5
 V2_KNOB = "SGLANG_FROZEN_KV_MTP_V2"
-SWA_KNOB = "SGLANG_GEMMA4_TRITON_SWA_WINDOW"
 # tiny models: several engines share the GPU
 ENGINE_BASE = {"mem_fraction_static": 0.08}
 TOPK2 = {"speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}
