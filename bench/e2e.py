@@ -6,6 +6,7 @@ reduced-depth checkpoints (sglang_gemma4.testing.checkpoints):
     python bench/e2e.py --out runs                                  # plugin on vs off (SGLANG_PLUGINS)
     python bench/e2e.py --ab SGLANG_GEMMA4_YOCO=0,1 --variants e2b_w,e4b_w
     python bench/e2e.py --spec --variants agree_target,dense_ple    # FROZEN_KV_MTP off vs on
+    python bench/e2e.py --with-spec --variants agree_target --ab SGLANG_FROZEN_KV_MTP_V2=0,1   # v1 vs v2
     python bench/e2e.py --quick --out $OUT/runs                     # e2b_w only, small sizes
 
 Per (variant, config) one engine runs, for each batch size B, the same B
@@ -88,6 +89,11 @@ def configs_for(variant: str, args, ckpt_root) -> List[Tuple[str, EngineConfig]]
             out.append((label, EngineConfig(f"{variant}:{label}", path, jobs, engine_kwargs={**kw, **extra},
                                              timeout=args.timeout, checks=args.checks)))
         return out
+    if args.with_spec:  # both arms speculative: the A/B is the knob's, e.g. FROZEN_KV_MTP v2 vs v1
+        if variant not in checkpoints.DRAFT_FOR:
+            print(f"[e2e] {variant}: no assistant, skipped for --with-spec", flush=True)
+            return []
+        kw = {**kw, **spec_kwargs(str(checkpoints.build(checkpoints.DRAFT_FOR[variant], ckpt_root)))}
     knob, vals = parse_ab(args.ab)
     for v in vals:
         label = f"{knob}={v if v else 'unset'}"
@@ -300,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help=f"comma list (default {','.join(FULL_VARIANTS)}; --quick: {','.join(QUICK_VARIANTS)})")
     ap.add_argument("--ab", default="SGLANG_PLUGINS=,none", help="KNOB=a,b (empty = unset); default: plugin on vs off")
     ap.add_argument("--spec", action="store_true", help="A/B = FROZEN_KV_MTP off/on (variants with an assistant)")
+    ap.add_argument("--with-spec", action="store_true",
+                    help="FROZEN_KV_MTP on in both arms of --ab (e.g. --ab SGLANG_FROZEN_KV_MTP_V2=0,1)")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -318,7 +326,9 @@ def main(argv=None) -> int:
     variants = (args.variants.split(",") if args.variants else (QUICK_VARIANTS if args.quick else FULL_VARIANTS))
     for v in variants:
         checkpoints.spec(v)  # unknown names fail before any engine starts
-    ab = "FROZEN_KV_MTP off/on" if args.spec else args.ab
+    if args.spec and args.with_spec:
+        raise SystemExit("--spec (spec off vs on) and --with-spec (spec on in both arms) exclude each other")
+    ab = "FROZEN_KV_MTP off/on" if args.spec else (f"{args.ab} (FROZEN_KV_MTP on)" if args.with_spec else args.ab)
     if not args.spec:
         parse_ab(args.ab)
 

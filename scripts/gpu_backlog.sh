@@ -3,17 +3,43 @@
 # Done on 2026-12-01: swa (8 passed). Owed: window (the whole window-lossless file in one go with both fixes;
 # each engine already passed separately), suite (with suite.FIXES_OFF), and the rest below.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
-#   scripts/gpu_backlog.sh swa|window|suite|repro|yoco|mm|fused|bench-kernels|bench-e2e|bench-enc
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-e2e|bench-spec|bench-enc
+#   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
+#     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
+#     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
 set -u
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-$PWD/gpu-out}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-if [ -f .gpu-bundle/setup.sh ]; then
+if [ -f .gpu-bundle/setup.sh ] && [ -z "${GPU_BACKLOG_READY:-}" ]; then  # once: lanes' parts inherit it
   # shellcheck disable=SC1091
   source .gpu-bundle/setup.sh
   python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/sglang-site . >/dev/null 2>&1
+  export GPU_BACKLOG_READY=1
 fi
 PY=python3
+if [ "${1:-}" = lanes ]; then
+  shift
+  export GPU_ENGINE_MEM_FRACTION="${GPU_ENGINE_MEM_FRACTION:-0.08}"
+  deadline=$(( $(date +%s) + ${LANES_DEADLINE_S:-540} ))
+  mkdir -p "$OUT/lanes"
+  i=0
+  for lane in "$@"; do
+    i=$((i + 1))
+    ( for part in $lane; do
+        left=$(( deadline - $(date +%s) ))
+        [ "$left" -le 5 ] && { echo "== $part: skipped (lane deadline)"; continue; }
+        echo "== $part (lane $i, ${left}s left) $(date +%T)"
+        OUT="$OUT/lanes/$part" timeout -k 5 "$left" bash "$0" "$part" >"$OUT/lanes/$part.log" 2>&1
+        echo "== $part rc=$? $(date +%T)"
+      done ) >"$OUT/lanes/lane$i.txt" 2>&1 &
+  done
+  wait
+  cat "$OUT"/lanes/lane*.txt | tee "$OUT/lanes-summary.txt"
+  for f in "$OUT"/lanes/*.log; do echo "== $f"; tail -n 25 "$f"; done >"$OUT/lanes-tails.txt"
+  tar -czf "$OUT/lanes.tgz" -C "$OUT" lanes && rm -rf "$OUT/lanes"
+  exit 0
+fi
 case "${1:-}" in
   swa)   # triton SWA decode-window fix: regret vs fp32, spec vs no-spec (then make it default-on)
     $PY -m pytest test/gpu/test_triton_swa_window_gpu.py -q -s 2>&1 | tee "$OUT/swa.txt" ;;
@@ -21,15 +47,22 @@ case "${1:-}" in
     $PY -m pytest test/gpu/test_window_lossless_gpu.py -q -s -rfE 2>&1 | tee "$OUT/window.txt" ;;
   suite) # engine suite with the v2 MoE checkpoint and the calibrated comparison rule
     $PY -m pytest test/gpu/test_engine_plugin.py test/gpu/test_engine_spec.py -q -rfE 2>&1 | tee "$OUT/suite.txt" ;;
+  demo)  $PY -m sglang_gemma4.cli demo 2>&1 | tee "$OUT/demo.txt"
+          $PY -m sglang_gemma4.cli demo --spec 2>&1 | tee -a "$OUT/demo.txt" ;;
+  modes) $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/modes.txt" ;;
+  kernels) $PY -m pytest test/kernels -q -rfE 2>&1 | tee "$OUT/kernels.txt" ;;
   repro) # crash_repro scripts on the H200 (paste outputs into the REPORT.md files)
     for f in crash_repro/*/repro.py; do echo "== $f"; timeout 120 $PY "$f"; done 2>&1 | tee "$OUT/repro.txt" ;;
   yoco)  $PY -m pytest test/gpu/test_yoco_gpu.py -q -rfE 2>&1 | tee "$OUT/yoco.txt" ;;
   mm)    $PY -m pytest test/gpu/test_mm_engine_gpu.py test/gpu/test_batched_encoder_gpu.py -q -s -rfE 2>&1 | tee "$OUT/mm.txt" ;;
-  fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py test/gpu/test_frozen_kv_mtp_modes.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
+  fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
   bench-kernels) $PY bench/kernels.py --out "$OUT/runs" --tune 2>&1 | tee "$OUT/bench-kernels.txt" ;;
   bench-e2e)
     $PY bench/e2e.py --variants moe26b_w --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 2 --out "$OUT/runs"
     $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 2 --out "$OUT/runs-ple" ;;
+  bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
+    $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 \
+      --out "$OUT/runs-spec" 2>&1 | tee "$OUT/bench-spec.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 swa|window|suite|repro|yoco|mm|fused|bench-kernels|bench-e2e|bench-enc"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-e2e|bench-spec|bench-enc"; exit 2 ;;
 esac

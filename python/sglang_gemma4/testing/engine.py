@@ -43,7 +43,8 @@ DEFAULT_ENGINE_KWARGS: Dict[str, Any] = dict(
     attention_backend="triton",
     sampling_backend="pytorch",
     grammar_backend="none",
-    mem_fraction_static=0.3,
+    # GPU_ENGINE_MEM_FRACTION lowers it when several test files share one GPU at once.
+    mem_fraction_static=float(os.environ.get("GPU_ENGINE_MEM_FRACTION", "0.3")),
     max_total_tokens=8192,
     max_running_requests=8,
     context_length=1024,
