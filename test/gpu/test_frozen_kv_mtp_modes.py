@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 KNOB = "SGLANG_FROZEN_KV_MTP_V2"
 PAIRS = [("agree_target", "agree_assistant", True), ("dense_ple", "assistant", False)]
-MODE_LOG = {"0": "FROZEN_KV_MTP runs synchronously", "1": "FROZEN_KV_MTP runs the spec-v2 overlap schedule"}
+# The effective-mode line (the patch's status line, printed per process, words it differently).
+MODE_LOG = {"0": "INFO FROZEN_KV_MTP runs synchronously (no overlap)",
+            "1": "INFO FROZEN_KV_MTP runs the spec-v2 overlap schedule"}
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ o = llm.generate(input_ids=prompts, sampling_params=sp, return_logprob=True, log
 out["input_logprobs"] = [[t[0] for t in x["meta_info"]["input_token_logprobs"]] for x in o]
 print("PROBE-MARK logprobs done", flush=True)
 llm.flush_cache()
-o = llm.generate(input_ids=prompts, sampling_params=sp, return_hidden_states=True)
+o = llm.generate(input_ids=prompts, sampling_params=sp, return_hidden_states="last")  # True = full
 out["hidden"] = [x["meta_info"]["hidden_states"] for x in o]
 print("PROBE-MARK hidden done", flush=True)
 json.dump(out, open(sys.argv[3], "w"))

@@ -283,3 +283,42 @@ def test_announce_once_is_traceable_by_fullgraph_dynamo(monkeypatch):
     assert "compile probe" not in fused_ple._ANNOUNCED  # announced later, by an eager call
     fused_ple.announce_once("compile probe", layer, x)
     assert "compile probe" in fused_ple._ANNOUNCED
+
+
+@pytest.mark.parametrize("module, hook, eligible", [
+    ("fused_ple", "fused_ple_forward", "layer_eligible"),
+    ("fused_triple_norm", "fused_triple_norm_forward", "layer_eligible"),
+    ("fused_routing", "fused_routing", "_eligible"),
+])
+def test_hooks_hand_back_to_sglang_under_torch_compile(module, hook, eligible, monkeypatch):
+    """Inside a torch.compile trace (tc_piecewise) every fused hook runs SGLang's own code,
+    even for an eligible layer, and adds no size guard: one graph for all row counts."""
+    import importlib
+
+    from torch._dynamo.testing import CompileCounter
+
+    mod = importlib.import_module(f"sglang_gemma4.patches.{module}")
+    monkeypatch.setattr(mod, eligible, lambda *a, **k: True)
+    def original(*args, **kwargs):  # x * 3: no fused path computes that
+        return args[2 if len(args) > 3 else 0] * 3  # layer forward: hidden_states; routing: logits
+
+    if module == "fused_routing":
+        def f(x):
+            return mod.fused_routing(original, x, torch.ones(x.shape[1]), 2)
+    else:
+        layer = torch.nn.Identity()  # never touched: the hook must hand back before reading it
+
+        def f(x):
+            return getattr(mod, hook)(original, layer, torch.zeros(x.shape[0]), x, None, None)
+
+    counter = CompileCounter()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        for t in (5, 9, 17):
+            x = torch.randn(t, 8)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch.testing.assert_close(compiled(x), x * 3)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1  # traced once, through SGLang's forward

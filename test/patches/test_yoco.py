@@ -419,3 +419,45 @@ def test_status_and_knob():
     assert registry.evaluate(yoco.PATCH, {"SGLANG_GEMMA4_YOCO": "maybe"}).state == registry.ERROR
     assert yoco.PATCH.upstream() is None  # 0.5.17 has no YOCO
     assert not registry.missing_targets(yoco.PATCH.targets)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_hook_is_transparent_under_torch_compile(fixed, monkeypatch):
+    """tc_piecewise prefill graphs torch.compile Gemma4TextModel.forward, i.e. our hook,
+    with dynamic row counts: the hook must add no size guard (the H200 run before the fix
+    recompiled per captured size until dynamo's limit took the engine down)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
+    if not fixed:  # the unfixed behaviour: eligibility checks traced by dynamo
+        monkeypatch.setattr(yoco, "_is_compiling", lambda: False)
+    backend = Backend(5, 1)
+    model = TinyTextModel(backend)
+
+    def original(m, input_ids, positions, fb, input_embeds, per_layer_inputs, pp_proxy_tensors=None):
+        return input_embeds * 2 + positions[:, None]
+
+    def fwd(positions, fb, input_embeds):
+        return yoco.yoco_forward_hook(original, model, None, positions, fb, input_embeds=input_embeds)
+
+    counter = CompileCounter()
+    compiled = torch.compile(fwd, backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        for ext in ([6], [9], [4, 7]):
+            fb = make_batch([0] * len(ext), ext)
+            x = torch.randn(sum(ext), H, dtype=torch.float64)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(fb.positions, 0)
+            try:
+                out = compiled(fb.positions, fb, x)
+            except ConstraintViolationError as e:  # mark_dynamic: specialised to one size
+                assert not fixed and "specialized" in str(e), e
+                return
+            torch.testing.assert_close(out, original(model, None, fb.positions, fb, x, None))
+    finally:
+        torch._dynamo.reset()
+    if fixed:
+        assert counter.frame_count == 1
+    else:
+        assert counter.frame_count > 1

@@ -59,7 +59,10 @@ def _eligible(gating_output, per_expert_scale, topk) -> bool:
 
 def fused_routing(original, gating_output, per_expert_scale, topk):
     """AROUND hook: same contract as SGLang's (fp32 weights, int32 ids, [T, K])."""
-    if not _eligible(gating_output, per_expert_scale, topk):
+    import torch
+
+    # Under torch.compile SGLang's own routing runs (our launcher picks tiles from T in Python).
+    if torch.compiler.is_compiling() or not _eligible(gating_output, per_expert_scale, topk):
         return original(gating_output, per_expert_scale, topk)
     from sglang_gemma4.kernels.routing import gemma4_routing
 

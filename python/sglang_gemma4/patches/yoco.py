@@ -244,6 +244,12 @@ def yoco_text_forward(model, positions, forward_batch, attn_backend, input_ids=N
     return hidden_states, aux
 
 
+def _is_compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def _num_input_rows(input_ids, input_embeds) -> Optional[int]:
     if input_ids is not None:
         return input_ids.shape[0]
@@ -260,7 +266,10 @@ def yoco_forward_hook(original, model, input_ids, positions, forward_batch, inpu
         return original(model, input_ids, positions, forward_batch, input_embeds,
                         per_layer_inputs, pp_proxy_tensors=pp_proxy_tensors, **kwargs)
 
-    if _state["broken"]:
+    # Inside a torch.compile trace (tc_piecewise prefill graphs) YOCO never runs, and the
+    # eligibility checks below would compare symbolic row counts with Python ints and
+    # pin every captured size to its own graph (recompile limit hit, engine down).
+    if _state["broken"] or _is_compiling():
         return call_original()
     try:
         reason = batch_ineligible_reason(model, forward_batch, kwargs)
