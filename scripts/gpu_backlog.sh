@@ -52,7 +52,7 @@ case "${1:-}" in
   modes) $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/modes.txt" ;;
   kernels) $PY -m pytest test/kernels -q -rfE 2>&1 | tee "$OUT/kernels.txt" ;;
   repro) # crash_repro scripts on the H200 (paste outputs into the REPORT.md files)
-    for f in crash_repro/*/repro.py; do echo "== $f"; timeout 120 $PY "$f"; done 2>&1 | tee "$OUT/repro.txt" ;;
+    for f in crash_repro/*/repro.py; do echo "== $f"; timeout 420 $PY "$f"; done 2>&1 | tee "$OUT/repro.txt" ;;
   yoco)  $PY -m pytest test/gpu/test_yoco_gpu.py -q -rfE 2>&1 | tee "$OUT/yoco.txt" ;;
   mm)    $PY -m pytest test/gpu/test_mm_engine_gpu.py test/gpu/test_batched_encoder_gpu.py -q -s -rfE 2>&1 | tee "$OUT/mm.txt" ;;
   fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;

@@ -132,8 +132,11 @@ def _compare(engines, ref, test):
     rj, tj = r["jobs"]["greedy"], t["jobs"]["greedy"]
     cmp = compare_greedy(rj["tokens"], tj["tokens"], aligned_margins(rj), min_margin=min_margin_for("dense_ple"))
     assert cmp["ok"], cmp["mismatches"][:5]
-    # a verdict resting on a handful of tokens says little
-    assert cmp["strict_fraction"] >= 0.25 and min(cmp["per_prompt"]) >= 1, cmp
+    # A verdict resting on a handful of tokens says little: a quarter of all tokens decisive, and
+    # every prompt either identical or checked at >= 1 decisive token before any near-tie split
+    # (H200: one prompt of the identical batched-encoder run had no decisive token at all).
+    assert cmp["strict_fraction"] >= 0.25, cmp
+    assert all(same or n >= 1 for same, n in zip(cmp["exact"], cmp["per_prompt"])), cmp
     return cmp
 
 
