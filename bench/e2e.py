@@ -60,6 +60,43 @@ JOB_MARK = "[sglang-gemma4 job]"  # printed by sglang_gemma4.testing._engine_chi
 MAX_LATENCY_SPREAD = 0.10
 
 FULL_VARIANTS = ["dense_ple", "e2b_w", "e4b_w", "moe26b_w"]
+# (deeper, shallower, real depth): same layer kinds at two depths, so the decode-step difference
+# over the layer difference is the per-layer time and the rest is depth-independent (embedding,
+# lm_head over 262k vocab, sampling, launches); real depth: 26B-A4B has 30 decoder layers.
+DEPTH_PAIRS = [("moe26b_w8", "moe26b_w", 30)]
+
+
+def per_layer(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per-layer decode time, fixed cost and the step projected to real depth, per arm and batch,
+    for every DEPTH_PAIRS pair present in ``doc``; with the arms' ratio at real depth."""
+    out = []
+    for deep, shallow, real in DEPTH_PAIRS:
+        if deep not in doc["results"] or shallow not in doc["results"]:
+            continue
+        n_deep = len(checkpoints.spec(deep).text.layer_types)
+        n_shallow = len(checkpoints.spec(shallow).text.layer_types)
+        labels = [lab for lab in doc["results"][shallow] if lab in doc["results"][deep]]
+        for b in doc["batch"]:
+            rows = {}
+            for lab in labels:
+                d = (doc["results"][deep][lab]["rows"].get(b) or {})
+                sh = (doc["results"][shallow][lab]["rows"].get(b) or {})
+                sd, ss = d.get("decode_step_ms"), sh.get("decode_step_ms")
+                if sd is None or ss is None or not (d.get("valid") and sh.get("valid")):
+                    continue
+                layer = (sd - ss) / (n_deep - n_shallow)
+                fixed = ss - n_shallow * layer
+                rows[lab] = {"layer_ms": layer, "fixed_ms": fixed, "projected_step_ms": fixed + real * layer}
+            for i, lab in enumerate(labels):
+                if lab not in rows:
+                    continue
+                r = dict(variant=f"{shallow}/{deep}", real_depth=real, batch=b, config=lab, **rows[lab])
+                base = rows.get(labels[0])
+                if i and base:
+                    r["layer_speedup"] = base["layer_ms"] / r["layer_ms"] if r["layer_ms"] > 0 else None
+                    r["projected_step_speedup"] = base["projected_step_ms"] / r["projected_step_ms"]
+                out.append(r)
+    return out
 QUICK_VARIANTS = ["e2b_w"]
 
 
@@ -270,6 +307,17 @@ def _markdown(doc: Dict[str, Any]) -> str:
                              f"{'n/a' if step is None else format(step, '.3f')} | "
                              f"{'n/a' if tps is None else format(tps, '.1f')} | {row['tokens_per_s']:.1f} | "
                              f"{acc} | {ratio} | {valid} |")
+    pl = doc.get("per_layer") or []
+    if pl:
+        lines += ["", "## Per decoder layer (difference of two depths) and the step projected to real depth", "",
+                  "| layers | real depth | batch | config | per-layer ms | fixed ms | projected step ms "
+                  "| A/B per layer | A/B projected step |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in pl:
+            sp = r.get("layer_speedup")
+            ps = r.get("projected_step_speedup")
+            lines.append(f"| {r['variant']} | {r['real_depth']} | {r['batch']} | {r['config']} | {r['layer_ms']:.4f} "
+                         f"| {r['fixed_ms']:.3f} | {r['projected_step_ms']:.3f} | {'' if sp is None else f'{sp:.3f}x'} "
+                         f"| {'' if ps is None else f'{ps:.3f}x'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,6 +405,7 @@ def main(argv=None) -> int:
         for lab, c in pairs:
             if not res[c.name]["ok"]:
                 print(f"[e2e] {c.name} failed: {res[c.name]['error']} (log {res[c.name]['log_path']})", flush=True)
+        doc["per_layer"] = per_layer(doc)
         (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
     md = _markdown(doc)
     (args.out / f"{stem}.md").write_text(md)

@@ -58,7 +58,7 @@ case "${1:-}" in
   fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
   bench-kernels) $PY bench/kernels.py --out "$OUT/runs" --tune 2>&1 | tee "$OUT/bench-kernels.txt" ;;
   bench-e2e)
-    $PY bench/e2e.py --variants moe26b_w --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 2 --parallel 1 --out "$OUT/runs"
+    $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 2 --parallel 1 --out "$OUT/runs"
     $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 2 --parallel 1 --out "$OUT/runs-ple" ;;
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \

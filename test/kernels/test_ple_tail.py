@@ -227,3 +227,21 @@ def test_gpu_matches_sglang_rmsnorm_residual_scalar(H, T):
     # Same math, same single rounding: only fp32 summation order may differ.
     assert_close(ours, theirs)
     assert (ours != theirs).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("T,H,block_t,num_warps", [(1, 256, 1, 1), (7, 256, 2, 2), (33, 96, 4, 4), (5, 17, 1, 1)])
+def test_gelu_flat_layout_is_bitwise_the_rows_kernel(T, H, block_t, num_warps):
+    g = torch.Generator().manual_seed(T * 131 + H)
+    gate = (torch.randn(T, H, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    ple = torch.randn(T, H, generator=g).to(torch.bfloat16).to(DEVICE)
+    out = gemma_gelu_tanh_mul(gate, ple, block_t=block_t, num_warps=num_warps, layout="flat")
+    assert_close(out, gemma_gelu_tanh_mul_ref(gate, ple))
+    assert torch.equal(out, gemma_gelu_tanh_mul(gate, ple))  # same per-element math as the default
+
+
+def test_gelu_flat_layout_rejects_bad_input():
+    gate = torch.zeros(4, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemma_gelu_tanh_mul(gate[:, ::2], gate[:, ::2], layout="flat")
+    with pytest.raises(ValueError, match="layout"):
+        gemma_gelu_tanh_mul(gate, gate, layout="cols")

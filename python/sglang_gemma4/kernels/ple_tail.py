@@ -177,6 +177,23 @@ def _gelu_tanh_mul_kernel(
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gelu_tanh_mul_flat_kernel(g_ptr, p_ptr, out_ptr, N, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Same math as _gelu_tanh_mul_kernel over a contiguous [T*H] view: one mask, no row
+    arithmetic (Inductor's layout for this op; a tuning candidate for small T)."""
+    pid = tl.program_id(0)
+    if WIDE:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    y = g / (1.0 + tl.exp(-2.0 * u)) * p
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _gelu_launch_config(T: int, block_h: int):
     # H200 (bench/kernels.py): small T wants many 1-row, 1-warp programs (latency); large T
     # wants <= 2048-element tiles on 4 warps. 8192-element / 8-warp tiles (the first
@@ -191,12 +208,14 @@ def gemma_gelu_tanh_mul(
     *,
     block_t: Optional[int] = None,
     num_warps: Optional[int] = None,
+    layout: str = "rows",
 ) -> torch.Tensor:
     """``gelu(gate, approximate="tanh") * ple`` for [T, H] inputs; fp32 math, one
     rounding to gate.dtype (the model rounds after gelu and after the multiply).
 
-    ``block_t`` (rows per program) and ``num_warps``: tuning overrides for
-    bench/kernels.py --tune (powers of two); the defaults are a heuristic."""
+    ``block_t`` (rows per program), ``num_warps`` and ``layout`` ("rows", or "flat":
+    block_t * next_pow2(H) contiguous elements per program, contiguous inputs only):
+    tuning overrides for bench/kernels.py --tune; the defaults are a heuristic."""
     check_2d("gate", gate)
     check_same("ple", ple, "gate", gate)
     for name, v in (("block_t", block_t), ("num_warps", num_warps)):
@@ -204,7 +223,12 @@ def gemma_gelu_tanh_mul(
             raise ValueError(f"{name} must be None or a power-of-two int in [1, 1024], got {v!r}")
     if num_warps is not None and num_warps > 32:
         raise ValueError(f"num_warps must be <= 32, got {num_warps}")
+    if layout not in ("rows", "flat"):
+        raise ValueError(f"layout must be 'rows' or 'flat', got {layout!r}")
     T, H = gate.shape
+    if layout == "flat" and not (gate.is_contiguous() and ple.is_contiguous()):
+        raise ValueError("layout='flat' needs contiguous gate and ple (got strides "
+                         f"{tuple(gate.stride())} and {tuple(ple.stride())})")
     out = torch.empty((T, H), dtype=gate.dtype, device=gate.device)
     if T == 0 or H == 0:
         return out
@@ -213,6 +237,11 @@ def gemma_gelu_tanh_mul(
     bt, nw = _gelu_launch_config(T, block_h)
     block_t = bt if block_t is None else block_t
     num_warps = nw if num_warps is None else num_warps
+    if layout == "flat":
+        n, block = T * H, block_t * block_h
+        _gelu_tanh_mul_flat_kernel[(triton.cdiv(n, block),)](
+            gate, ple, out, n, BLOCK=block, WIDE=n + block >= 2**31, num_warps=num_warps)
+        return out
     _gelu_tanh_mul_kernel[(triton.cdiv(T, block_t),)](
         gate,
         ple,

@@ -64,7 +64,7 @@ Variants (see :data:`VARIANTS`):
   agree_assistant   draft for agree_target predicting the same pi
   mm                Gemma4ForConditionalGeneration: dense_ple's text stack, a small
                     vision tower, tokenizer + processor files (serves images)
-  e2b_w, e4b_w, moe26b_w   real widths/vocab, reduced depth (benchmarks)
+  e2b_w, e4b_w, moe26b_w   real widths/vocab, reduced depth (benchmarks); moe26b_w8: moe26b_w's layers x2
 """
 
 from __future__ import annotations
@@ -484,6 +484,11 @@ def _variants() -> Dict[str, CheckpointSpec]:
         ),
         seed=13,
     )
+    # Same layers twice over: bench/e2e.py takes the per-layer decode time as the step difference
+    # of the two depths (lm_head, sampling and launch overhead cancel) and projects real depth.
+    m = v["moe26b_w"]
+    v["moe26b_w8"] = dataclasses.replace(
+        m, name="moe26b_w8", text=dataclasses.replace(m.text, layer_types=m.text.layer_types * 2), seed=14)
     return v
 
 
@@ -508,7 +513,7 @@ IMAGE_ENGINE_KWARGS: Dict[str, Dict[str, Any]] = {
     "mm": {"enable_multimodal": True},
 }
 
-BIG_VARIANTS = ("e2b_w", "e4b_w", "moe26b_w")
+BIG_VARIANTS = ("e2b_w", "e4b_w", "moe26b_w", "moe26b_w8")
 
 
 def spec(variant: str) -> CheckpointSpec:
