@@ -60,6 +60,7 @@ JOB_MARK = "[sglang-gemma4 job]"  # printed by sglang_gemma4.testing._engine_chi
 MAX_LATENCY_SPREAD = 0.10
 
 FULL_VARIANTS = ["dense_ple", "e2b_w", "e4b_w", "moe26b_w"]
+QUICK_VARIANTS = ["e2b_w"]
 # (deeper, shallower, real depth): same layer kinds at two depths, so the decode-step difference
 # over the layer difference is the per-layer time and the rest is depth-independent (embedding,
 # lm_head over 262k vocab, sampling, launches); real depth: 26B-A4B has 30 decoder layers.
@@ -97,7 +98,6 @@ def per_layer(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
                     r["projected_step_speedup"] = base["projected_step_ms"] / r["projected_step_ms"]
                 out.append(r)
     return out
-QUICK_VARIANTS = ["e2b_w"]
 
 
 def parse_ab(text: str) -> Tuple[str, List[str]]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU validations written but not yet run on a GPU (sessions of 2026-11-29 and 2026-12-01 ran out of device time).
-# Done on 2026-12-01: swa (8 passed). Owed: window (the whole window-lossless file in one go with both fixes;
-# each engine already passed separately), suite (with suite.FIXES_OFF), and the rest below.
+# GPU validations, one name each (sessions of 2026-11-29..12-02 ran out of device time before all were done).
+# Done on the H200: swa, suite (30/30), demo, repro, yoco, modes, kernels (320 passed), bench-spec, bench-enc.
+# Owed: mm and fused re-runs (their engine comparisons now judge verdict strength by decisive tokens),
+# window (the whole file in one go), bench-kernels alone (--tune needs a call of its own), bench-e2e.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
 #   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-e2e|bench-spec|bench-enc
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
