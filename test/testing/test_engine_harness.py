@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,15 @@ def test_jobs_round_trip(stub):
     assert r["jobs"]["a"]["tokens"] == [[10] * 4] and r["jobs"]["b"]["tokens"] == [[11] * 2]
     assert r["checks_fired"] == [] and "child started" in r["log"]
     assert r["engine_kwargs"]["attention_backend"] == "triton" and r["engine_kwargs"]["nccl_port"]
+
+
+def test_result_is_kept_next_to_the_log(stub):
+    r = _run(stub, "ok")
+    saved = json.loads(Path(r["result_path"]).read_text())
+    assert Path(r["result_path"]).parent == stub / "logs" and "log" not in saved
+    assert saved["jobs"] == r["jobs"] and saved["ok"] is True and saved["log_path"] == r["log_path"]
+    crashed = json.loads(Path(_run(stub, "crash")["result_path"]).read_text())
+    assert crashed["ok"] is False and "exited with 3" in crashed["error"]
 
 
 def test_greedy_shape(stub):

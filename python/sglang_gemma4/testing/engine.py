@@ -334,6 +334,12 @@ def run_engine(
     )
     result.setdefault("jobs", {})
     result.setdefault("timings", {})
+    # Next to the log: a test that fails on the GPU can be re-judged on CPU from these.
+    result["result_path"] = str(log_dir / f"{safe}.result.json")
+    try:
+        Path(result["result_path"]).write_text(json.dumps({k: v for k, v in result.items() if k != "log"}, default=str))
+    except (OSError, TypeError, ValueError) as e:
+        result["result_path"] = f"not written: {e}"
     try:
         for p in work.iterdir():
             p.unlink()
