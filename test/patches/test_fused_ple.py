@@ -299,6 +299,7 @@ def test_hooks_hand_back_to_sglang_under_torch_compile(module, hook, eligible, m
 
     mod = importlib.import_module(f"sglang_gemma4.patches.{module}")
     monkeypatch.setattr(mod, eligible, lambda *a, **k: True)
+
     def original(*args, **kwargs):  # x * 3: no fused path computes that
         return args[2 if len(args) > 3 else 0] * 3  # layer forward: hidden_states; routing: logits
 
