@@ -18,7 +18,6 @@ prints "no CUDA" and exits 0 on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.metadata as md
 import json
@@ -27,12 +26,8 @@ import re
 import sys
 from pathlib import Path
 
-SLIDING, FULL = "sliding_attention", "full_attention"
-# (harness variant, layer types, KV-shared layers): first 7-n_shared own the KV
-SHAPES = {
-    "e2b": ("e2b_w", (SLIDING, SLIDING, FULL, SLIDING, SLIDING, SLIDING, FULL), 4),  # 35/20
-    "e4b": ("e4b_w", (SLIDING, SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL), 3),  # 42/18
-}
+# shape -> checkpoint variant: 7 real-width layers at the real KV-shared ratio (checkpoints._variants)
+SHAPES = {"e2b": "e2b_w_yoco", "e4b": "e4b_w_yoco"}
 ENGINE = dict(
     context_length=8448,
     max_total_tokens=131072,
@@ -45,17 +40,9 @@ ENGINE = dict(
 
 
 def ratio_checkpoint(shape: str) -> Path:
-    """Build the harness variant with the real KV-shared ratio (new spec -> new cache key)."""
     from sglang_gemma4.testing import checkpoints
 
-    base, layer_types, n_shared = SHAPES[shape]
-    s = checkpoints.spec(base)
-    text = dataclasses.replace(s.text, layer_types=layer_types, num_kv_shared_layers=n_shared)
-    name = f"{base}_yoco"
-    checkpoints.VARIANTS[name] = dataclasses.replace(s, name=name, text=text)
-    if name not in checkpoints.BIG_VARIANTS:  # generate the weights on the GPU like the base
-        checkpoints.BIG_VARIANTS = checkpoints.BIG_VARIANTS + (name,)
-    return checkpoints.build(name)
+    return checkpoints.build(SHAPES[shape])
 
 
 def prompts(n: int, length: int, seed: int):
@@ -91,7 +78,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA: bench/yoco.py needs a GPU; nothing measured")
         return 0
-    from sglang_gemma4.testing import engine
+    from sglang_gemma4.testing import checkpoints, engine
 
     gpu = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-") or "gpu"
@@ -132,7 +119,8 @@ def main(argv=None) -> int:
     record = dict(
         bench="yoco", gpu=gpu, time=datetime.datetime.now().isoformat(timespec="seconds"),
         versions=_versions(), engine_kwargs=dict(engine.DEFAULT_ENGINE_KWARGS, **ENGINE),
-        shapes={s: dict(variant=SHAPES[s][0], layer_types=SHAPES[s][1], kv_shared=SHAPES[s][2],
+        shapes={s: dict(variant=SHAPES[s], layer_types=list(checkpoints.spec(SHAPES[s]).text.layer_types),
+                        kv_shared=checkpoints.spec(SHAPES[s]).text.num_kv_shared_layers,
                         checkpoint=str(ckpts[s])) for s in args.shapes},
         rows=rows, failures=failures, command=" ".join(sys.argv),
     )

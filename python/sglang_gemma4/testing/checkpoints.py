@@ -64,7 +64,8 @@ Variants (see :data:`VARIANTS`):
   agree_assistant   draft for agree_target predicting the same pi
   mm                Gemma4ForConditionalGeneration: dense_ple's text stack, a small
                     vision tower, tokenizer + processor files (serves images)
-  e2b_w, e4b_w, moe26b_w   real widths/vocab, reduced depth (benchmarks); moe26b_w8: moe26b_w's layers x2
+  e2b_w, e4b_w, moe26b_w   real widths/vocab, reduced depth (benchmarks); moe26b_w8: moe26b_w's layers x2;
+                    e2b_w_yoco, e4b_w_yoco: 7 layers at the real KV-shared ratio (bench/yoco.py)
 """
 
 from __future__ import annotations
@@ -486,10 +487,20 @@ def _variants() -> Dict[str, CheckpointSpec]:
     )
     # Same layers twice over: bench/e2e.py takes the per-layer decode time as the step difference
     # of the two depths (lm_head, sampling and launch overhead cancel) and projects real depth.
-    m = v["moe26b_w"]
-    v["moe26b_w8"] = dataclasses.replace(
-        m, name="moe26b_w8", text=dataclasses.replace(m.text, layer_types=m.text.layer_types * 2), seed=14)
+    _derive(v, "moe26b_w", "moe26b_w8", seed=14, layer_types=v["moe26b_w"].text.layer_types * 2)
+    # bench/yoco.py: 7 layers with the real models' KV-shared ratio (E2B 20/35, E4B 18/42).
+    _derive(v, "e2b_w", "e2b_w_yoco", layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, SLIDING, FULL),
+            num_kv_shared_layers=4)
+    _derive(v, "e4b_w", "e4b_w_yoco", layer_types=(SLIDING, SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL),
+            num_kv_shared_layers=3)
     return v
+
+
+def _derive(v: Dict[str, CheckpointSpec], base: str, name: str, seed: Optional[int] = None, **text) -> None:
+    """v[name] = v[base] with some TextSpec fields changed (a new spec, hence a new cache key)."""
+    b = v[base]
+    v[name] = dataclasses.replace(b, name=name, text=dataclasses.replace(b.text, **text),
+                                  seed=b.seed if seed is None else seed)
 
 
 VARIANTS: Dict[str, CheckpointSpec] = _variants()
@@ -513,7 +524,7 @@ IMAGE_ENGINE_KWARGS: Dict[str, Dict[str, Any]] = {
     "mm": {"enable_multimodal": True},
 }
 
-BIG_VARIANTS = ("e2b_w", "e4b_w", "moe26b_w", "moe26b_w8")
+BIG_VARIANTS = ("e2b_w", "e4b_w", "moe26b_w", "moe26b_w8", "e2b_w_yoco", "e4b_w_yoco")
 
 
 def spec(variant: str) -> CheckpointSpec:
