@@ -134,6 +134,15 @@ def _ple_norm_ok(norm, hidden: int) -> bool:
     )
 
 
+def under_compile() -> bool:
+    """Inside torch.compile (tc_piecewise prefill graphs) the fused hooks run SGLang's own
+    forward: Inductor fuses these norms itself, and our launchers pick tiles from T in
+    Python, which would pin every captured size to its own graph."""
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def layer_eligible(layer, hidden_states, per_layer_input) -> bool:
     if not layer.has_ple or layer.enable_moe_block or per_layer_input is None:
         return False
@@ -188,12 +197,7 @@ def ple_tail(layer, hidden_states, residual, per_layer_input):
 
 def fused_ple_forward(original, layer, positions, hidden_states, per_layer_input, forward_batch, **kwargs):
     """AROUND hook: 0.5.17's dense-layer forward with the fused PLE tail."""
-    import torch
-
-    # Under torch.compile (tc_piecewise prefill graphs) SGLang's own forward runs and
-    # Inductor fuses these norms itself; our launchers pick tiles from T in Python,
-    # which would pin every captured size to its own graph.
-    if torch.compiler.is_compiling() or not layer_eligible(layer, hidden_states, per_layer_input):
+    if under_compile() or not layer_eligible(layer, hidden_states, per_layer_input):
         return original(layer, positions, hidden_states, per_layer_input, forward_batch, **kwargs)
     announce_once(FIRED, layer, hidden_states)
     residual = hidden_states

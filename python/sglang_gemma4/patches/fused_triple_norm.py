@@ -123,12 +123,7 @@ def fused_triple_norm_forward(original, layer, positions, hidden_states, per_lay
     """AROUND hook: 0.5.17's MoE-layer forward with the four post-attention norms fused."""
     from sglang_gemma4.kernels.triple_rmsnorm import gemma_post_attn_triple_rmsnorm
 
-    import torch
-
-    # Under torch.compile (tc_piecewise prefill graphs) SGLang's own forward runs and
-    # Inductor fuses these norms itself; our launchers pick tiles from T in Python,
-    # which would pin every captured size to its own graph.
-    if torch.compiler.is_compiling() or not layer_eligible(layer, hidden_states):
+    if fused_ple.under_compile() or not layer_eligible(layer, hidden_states):
         return original(layer, positions, hidden_states, per_layer_input, forward_batch, **kwargs)
     fused_ple.announce_once(FIRED, layer, hidden_states)
     router = layer.router
