@@ -321,7 +321,7 @@ def bench(args, on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
     ops = _ops(k, sgl)
     if args.ops:
         ops = {n: o for n, o in ops.items() if n in args.ops}
-    t_values = QUICK_T if args.quick else FULL_T
+    t_values = [] if getattr(args, "tune_only", False) else (QUICK_T if args.quick else FULL_T)
     copy = _copy_gbps(args.quick)
     copy_gbps = copy["best"]
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (memcpy {copy['memcpy']:.0f}, kernel {copy['kernel']:.0f})")
@@ -367,10 +367,11 @@ def bench(args, on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
     if args.tune:
         tune = {}
         if not args.ops or "routing" in args.ops:
-            tune["routing"] = _tune(all_ops["routing"], "routing", _routing_configs(), _routing_call(k), args.quick)
+            tune["routing"] = _tune(all_ops["routing"], "routing", _routing_configs(), _routing_call(k), args.quick,
+                                    getattr(args, "tune_t", None))
         if not args.ops or "gelu_tanh_mul" in args.ops:
             tune["gelu_tanh_mul"] = _tune(all_ops["gelu_tanh_mul"], "gelu_tanh_mul", _gelu_configs(),
-                                          _gelu_call(k), args.quick)
+                                          _gelu_call(k), args.quick, getattr(args, "tune_t", None))
     return _doc(args, sgl, sgl_err, copy, results, tune)
 
 
@@ -428,14 +429,14 @@ def _same(a, b):
     return torch.equal(a, b)
 
 
-def _tune(op, name, configs, call_for, quick):
+def _tune(op, name, configs, call_for, quick, t_values=None):
     """Sweep tile configs with the table's own inputs and :func:`_measure`.
 
     Each T also re-times the default launch (``default_us``) in the same
     sweep, so the table and the sweep can be checked against each other.
     """
     rows, summary = [], []
-    for T in (TUNE_T if not quick else TUNE_T_QUICK):
+    for T in t_values or (TUNE_T if not quick else TUNE_T_QUICK):
         sets = _make_sets(op, T)
         ref = op["ours"](*sets[0])
         best = None
@@ -563,6 +564,16 @@ def write_plot(data, path):
     return True
 
 
+def _t_list(text: str) -> List[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tune-t wants comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"--tune-t wants integers >= 1, got {text!r}")
+    return vals
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/", help="output directory (default runs/)")
@@ -570,7 +581,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tune", action="store_true",
                    help="also sweep routing (block_t/num_warps/method) and gelu_tanh_mul (block_t/num_warps) tiles")
     p.add_argument("--ops", nargs="*", help="subset of ops to run")
+    p.add_argument("--tune-t", type=_t_list, default=None,
+                   help=f"comma-separated T values for --tune (default {TUNE_T})")
+    p.add_argument("--tune-only", action="store_true", help="skip the main table (with --tune)")
     args = p.parse_args(argv)
+    if args.tune_only and not args.tune:
+        p.error("--tune-only needs --tune")
 
     if not torch.cuda.is_available():
         print("no CUDA GPU; nothing to time")

@@ -67,3 +67,13 @@ def test_report_writers(tmp_path):
     assert "Partial run" in md and "memcpy 2761" in md and "| 8192 | 4.56 |" in md and "| 1.64 |" in md
     pytest.importorskip("matplotlib")
     assert kb.write_plot(doc, tmp_path / "k.png") and (tmp_path / "k.png").stat().st_size > 0
+
+
+def test_tune_t_parsing_and_tune_only_needs_tune(capsys):
+    assert kb._t_list("8, 256,8192") == [8, 256, 8192]
+    for bad in ("", "8,x", "0"):
+        with pytest.raises(Exception, match="--tune-t"):
+            kb._t_list(bad)
+    with pytest.raises(SystemExit):
+        kb.main(["--tune-only"])
+    assert "--tune-only needs --tune" in capsys.readouterr().err
