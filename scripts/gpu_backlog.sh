@@ -58,9 +58,9 @@ case "${1:-}" in
   mm)    $PY -m pytest test/gpu/test_mm_engine_gpu.py test/gpu/test_batched_encoder_gpu.py -q -s -rfE 2>&1 | tee "$OUT/mm.txt" ;;
   fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
   bench-kernels) $PY bench/kernels.py --out "$OUT/runs" --tune 2>&1 | tee "$OUT/bench-kernels.txt" ;;
-  bench-e2e)
-    $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 2 --parallel 1 --out "$OUT/runs"
-    $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 2 --parallel 1 --out "$OUT/runs-ple" ;;
+  bench-e2e) # 256-token decode windows, best of 3: the 64-token windows of 2026-12-02 were jitter-dominated
+    $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs"
+    $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs-ple" ;;
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \
       --out "$OUT/runs-spec" 2>&1 | tee "$OUT/bench-spec.txt" ;;
