@@ -2,9 +2,9 @@
 # GPU validations, one name each (sessions of 2026-11-29..12-02 ran out of device time before all were done).
 # Done on the H200: swa, suite (30/30), demo, repro, yoco, modes, kernels (320 passed), bench-spec, bench-enc.
 # Owed: mm and fused re-runs (their engine comparisons now judge verdict strength by decisive tokens),
-# window (the whole file in one go), bench-kernels alone (--tune needs a call of its own), bench-e2e.
+# window (the whole file in one go), bench-kernels alone (bench-tune in a call of its own), bench-e2e.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-e2e|bench-spec|bench-enc
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -57,7 +57,10 @@ case "${1:-}" in
   yoco)  $PY -m pytest test/gpu/test_yoco_gpu.py -q -rfE 2>&1 | tee "$OUT/yoco.txt" ;;
   mm)    $PY -m pytest test/gpu/test_mm_engine_gpu.py test/gpu/test_batched_encoder_gpu.py -q -s -rfE 2>&1 | tee "$OUT/mm.txt" ;;
   fused) $PY -m pytest test/gpu/test_fused_layers_gpu.py -q -rfE 2>&1 | tee "$OUT/fused.txt" ;;
-  bench-kernels) $PY bench/kernels.py --out "$OUT/runs" --tune 2>&1 | tee "$OUT/bench-kernels.txt" ;;
+  bench-kernels) $PY bench/kernels.py --out "$OUT/runs" 2>&1 | tee "$OUT/bench-kernels.txt" ;;  # table, ~200 s
+  bench-tune) # tile sweeps only (the table does not fit in the same call)
+    timeout 240 $PY bench/kernels.py --out "$OUT/tune-r" --ops routing --tune --tune-only --tune-t 1024,8192,32768 2>&1 | tee "$OUT/tune.txt"
+    timeout 320 $PY bench/kernels.py --out "$OUT/tune-g" --ops gelu_tanh_mul --tune --tune-only --tune-t 1,8,256,8192,32768 2>&1 | tee -a "$OUT/tune.txt" ;;
   bench-e2e) # 256-token decode windows, best of 3: the 64-token windows of 2026-12-02 were jitter-dominated
     $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs"
     $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs-ple" ;;
@@ -65,5 +68,5 @@ case "${1:-}" in
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \
       --out "$OUT/runs-spec" 2>&1 | tee "$OUT/bench-spec.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-e2e|bench-spec|bench-enc"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc"; exit 2 ;;
 esac
