@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU validations, one name each (sessions of 2026-11-29..12-02 ran out of device time before all were done).
-# Done on the H200: swa, suite (30/30), demo, repro, yoco, modes, kernels (320 passed), bench-spec, bench-enc.
-# Owed: mm and fused re-runs (their engine comparisons now judge verdict strength by decisive tokens),
-# window (the whole file in one go), bench-kernels alone (bench-tune in a call of its own), bench-e2e.
+# Done on the H200: swa, suite (30/30), demo, repro, yoco, modes, mm (7/7), kernels (325 passed), bench-spec,
+# bench-enc, bench-tune and bench-e2e (2026-12-02). Owed: fused (its MoE verdict clause changed after that run),
+# kernels + bench-kernels with the tile defaults of 2026-12-02, bench-e2e with the longer decode windows, window.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
 #   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
