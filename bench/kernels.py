@@ -321,7 +321,7 @@ def bench(args, on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
     ops = _ops(k, sgl)
     if args.ops:
         ops = {n: o for n, o in ops.items() if n in args.ops}
-    t_values = [] if getattr(args, "tune_only", False) else (QUICK_T if args.quick else FULL_T)
+    t_values = [] if args.tune_only else (QUICK_T if args.quick else FULL_T)
     copy = _copy_gbps(args.quick)
     copy_gbps = copy["best"]
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (memcpy {copy['memcpy']:.0f}, kernel {copy['kernel']:.0f})")
@@ -368,10 +368,10 @@ def bench(args, on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
         tune = {}
         if not args.ops or "routing" in args.ops:
             tune["routing"] = _tune(all_ops["routing"], "routing", _routing_configs(), _routing_call(k), args.quick,
-                                    getattr(args, "tune_t", None))
+                                    args.tune_t)
         if not args.ops or "gelu_tanh_mul" in args.ops:
             tune["gelu_tanh_mul"] = _tune(all_ops["gelu_tanh_mul"], "gelu_tanh_mul", _gelu_configs(),
-                                          _gelu_call(k), args.quick, getattr(args, "tune_t", None))
+                                          _gelu_call(k), args.quick, args.tune_t)
     return _doc(args, sgl, sgl_err, copy, results, tune)
 
 
