@@ -4,7 +4,7 @@
 # bench-enc, bench-tune and bench-e2e (2026-12-02). Owed: fused (its MoE verdict clause changed after that run),
 # kernels + bench-kernels with the tile defaults of 2026-12-02, bench-e2e with the longer decode windows, window.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -67,6 +67,11 @@ case "${1:-}" in
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \
       --out "$OUT/runs-spec" 2>&1 | tee "$OUT/bench-spec.txt" ;;
+  bench-layer) # per-layer GPU time in CUDA graphs, fused on vs off (the engine A/B is CPU-bound at reduced depth)
+    $PY bench/layer.py --out "$OUT/runs" 2>&1 | tee "$OUT/bench-layer.txt" ;;
+  sanitizer) # compute-sanitizer memcheck over the compiled kernel tests (current tile defaults)
+    compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest test/kernels -q -k gpu -p no:cacheprovider 2>&1 \
+      | tee "$OUT/sanitizer.txt"; echo "sanitizer rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer"; exit 2 ;;
 esac

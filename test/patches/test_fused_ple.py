@@ -18,13 +18,11 @@ if not torch.cuda.is_available():
 else:
     _TRITON_TOO_EARLY = False
 
-import contextlib  # noqa: E402
-import tempfile  # noqa: E402
-
 import pytest  # noqa: E402
 
 from sglang_gemma4 import registry  # noqa: E402
 from sglang_gemma4.patches import fused_ple  # noqa: E402
+from sglang_gemma4.testing import configs  # noqa: E402
 from sglang_gemma4.testing.hooks import patch_applied  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,30 +60,8 @@ class StubMoE(torch.nn.Module):
         return (vals.softmax(-1)[..., None] * picked).sum(1).to(hidden_states.dtype)
 
 
-@contextlib.contextmanager
 def sglang_tp1():
-    """Published default ServerArgs + a one-process gloo TP group, as SGLang layers need."""
-    from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import get_context
-
-    override = get_context().override_server_args(device=DEVICE)
-    override.install()
-    mine = not torch.distributed.is_initialized()
-    try:
-        if mine:
-            path = tempfile.mktemp(prefix="g4_gloo_")
-            ps.init_distributed_environment(
-                world_size=1, rank=0, local_rank=0,
-                distributed_init_method=f"file://{path}", backend="gloo",
-            )
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(1, backend="gloo")
-        yield
-    finally:
-        if mine:
-            ps.destroy_model_parallel()
-            ps.destroy_distributed_environment()
-        override.restore()
+    return configs.sglang_tp1(DEVICE)
 
 
 def text_config(moe: bool, ple: bool):

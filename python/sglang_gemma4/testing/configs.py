@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 # Children must not inherit knobs from the developer's shell.
 KNOB_PREFIXES = ("SGLANG_GEMMA4_", "SGLANG_FROZEN_KV_MTP_V2", "SGLANG_TRTLLM_MHA_DEBUG",
@@ -96,3 +98,34 @@ def init_sglang_single_process(device: str = "cpu", **server_args) -> None:
             distributed_init_method=f"tcp://127.0.0.1:{port}",
         )
         ps.initialize_model_parallel(1)
+
+
+@contextlib.contextmanager
+def sglang_tp1(device: str) -> Iterator[None]:
+    """Published default ServerArgs overridden for ``device`` + a one-process gloo TP group,
+    torn down on exit: what a real SGLang layer needs when built and run outside an engine."""
+    import tempfile
+
+    import torch
+
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import get_context
+
+    override = get_context().override_server_args(device=device)
+    override.install()
+    mine = not torch.distributed.is_initialized()
+    try:
+        if mine:
+            path = tempfile.mktemp(prefix="g4_gloo_")
+            ps.init_distributed_environment(
+                world_size=1, rank=0, local_rank=0,
+                distributed_init_method=f"file://{path}", backend="gloo",
+            )
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(1, backend="gloo")
+        yield
+    finally:
+        if mine:
+            ps.destroy_model_parallel()
+            ps.destroy_distributed_environment()
+        override.restore()

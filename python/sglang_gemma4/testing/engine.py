@@ -256,7 +256,7 @@ def run_engine(
     name = name or Path(model_path).name
     log_dir = Path(log_dir) if log_dir is not None else _out_root() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)  # no "=": GPU-run collectors drop such names
     log_path = log_dir / f"{safe}.log"
     kwargs = dict(DEFAULT_ENGINE_KWARGS)
     kwargs.update(engine_kwargs or {})
