@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU validations, one name each (sessions of 2026-11-29..12-02 ran out of device time before all were done).
-# Done on the H200: swa, suite (30/30), demo, repro, yoco, modes, mm (7/7), kernels (325 passed), bench-spec,
-# bench-enc, bench-tune and bench-e2e (2026-12-02). Owed: fused (its MoE verdict clause changed after that run),
-# kernels + bench-kernels with the tile defaults of 2026-12-02, bench-e2e with the longer decode windows, window.
+# Done on the H200 (2026-12-02): swa, suite (30/30), demo, repro, yoco, modes, mm (7/7), fused (14/14), kernels
+# (325 passed) + bench-kernels with the current tile defaults, bench-layer, sanitizer (summary line cut by a 70 s
+# timeout), bench-spec, bench-enc, bench-tune. bench-e2e's triple-norm A/B at 4/8 layers is scheduler-bound (run 3
+# invalid; bench-layer replaces it); its E4B PLE half was cut by the 600 s limit. Not re-run since: window.
 # Each part fits one <=10-minute device call; run them in order, results land under $OUT.
 #   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
