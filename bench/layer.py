@@ -129,7 +129,7 @@ def text_config(shape: Dict, depth: int):
         kw.update(enable_moe_block=True, num_experts=shape["experts"], top_k_experts=shape["top_k"],
                   moe_intermediate_size=shape["moe_intermediate"])
     cfg = Gemma4TextConfig(**kw)
-    # SGLang 0.5.17 derives these only for model type gemma4 (gpu-bundle README)
+    # SGLang 0.5.17 derives these only for model types gemma4/gemma4_assistant, not gemma4_text
     cfg.swa_num_key_value_heads = shape["swa_kv"]
     cfg.swa_head_dim = shape["swa_head_dim"]
     cfg.swa_v_head_dim = shape["swa_head_dim"]
@@ -353,7 +353,7 @@ def summarize(T: int, times: Dict[str, List[float]], arms: List[str], depth: int
 
 def bench_shape(name: str, shape: Dict, t_values: List[int], replays: int, rounds: int, experts: str) -> Dict:
     dev, dt = "cuda", torch.bfloat16
-    cfg, layers, kind = build_chain(shape, CHAIN, dev, dt, experts)
+    _, layers, kind = build_chain(shape, CHAIN, dev, dt, experts)
     arms = shape["arms"]
     lm_head = torch.randn(shape["vocab"], shape["hidden"], device=dev, dtype=dt) / shape["hidden"] ** 0.5
     rows, skipped, arm_errors = [], [], {}
