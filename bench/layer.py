@@ -137,15 +137,23 @@ def text_config(shape: Dict, depth: int):
     return cfg
 
 
-def _randomize(module, seed: int):
-    """Scaled normal weights, norm weights near 1: activations stay O(1) through the chain."""
-    from sglang.srt.layers.layernorm import Gemma4RMSNorm, RMSNorm
-
+def _randomize_plain(module, seed: int) -> torch.Generator:
+    """Every parameter ~ N(0, 1/fan_in); returns the generator so callers can draw on from it."""
     dev = next(module.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32) / max(1, p.shape[-1]) ** 0.5)
+    return g
+
+
+def _randomize(module, seed: int):
+    """Scaled normal weights, norm weights near 1: activations stay O(1) through the chain."""
+    from sglang.srt.layers.layernorm import Gemma4RMSNorm, RMSNorm
+
+    g = _randomize_plain(module, seed)
+    dev = g.device
+    with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (RMSNorm, Gemma4RMSNorm)) and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g, device=dev))
@@ -185,15 +193,7 @@ def build_chain(shape: Dict, depth: int, device: str, dtype=torch.bfloat16, expe
                 stand_in = GatherExperts(shape["experts"], shape["hidden"], shape["moe_intermediate"], dtype).to(device)
                 _randomize_plain(stand_in, seed=100 + i)
                 layer.moe = MoEWithStandIn(layer.moe, stand_in)
-    return cfg, layers, kind
-
-
-def _randomize_plain(module, seed: int):
-    dev = next(module.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32) / p.shape[-1] ** 0.5)
+    return layers, kind
 
 
 _FUSEDMOE_ERROR: Optional[str] = None
@@ -353,7 +353,7 @@ def summarize(T: int, times: Dict[str, List[float]], arms: List[str], depth: int
 
 def bench_shape(name: str, shape: Dict, t_values: List[int], replays: int, rounds: int, experts: str) -> Dict:
     dev, dt = "cuda", torch.bfloat16
-    _, layers, kind = build_chain(shape, CHAIN, dev, dt, experts)
+    layers, kind = build_chain(shape, CHAIN, dev, dt, experts)
     arms = shape["arms"]
     lm_head = torch.randn(shape["vocab"], shape["hidden"], device=dev, dtype=dt) / shape["hidden"] ** 0.5
     rows, skipped, arm_errors = [], [], {}
@@ -374,7 +374,8 @@ def bench_shape(name: str, shape: Dict, t_values: List[int], replays: int, round
                 except Exception as e:  # noqa: BLE001 - one arm's failure is reported, the others still run
                     if arm == "off":
                         raise
-                    graphs.pop(arm, None), outs.pop(arm, None)
+                    graphs.pop(arm, None)
+                    outs.pop(arm, None)
                     arm_errors.setdefault(arm, f"T={T}: {type(e).__name__}: {str(e)[:400]}")
                     print(f"{name} T={T} arm {arm} failed: {arm_errors[arm]}", flush=True)
             graphs["copy"], _ = _graph(lambda: x.clone())  # run_chain's input copy, subtracted below

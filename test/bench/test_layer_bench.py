@@ -4,6 +4,7 @@ fp64 reference, the row arithmetic and the writers. (Only the GPU times anything
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -53,10 +54,15 @@ def allow_cpu(monkeypatch):
     monkeypatch.setattr(fused_routing, "_TEST_ALLOW_CPU", True)
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_ple_tests():
+    return _load("_fused_ple_cpu", ROOT / "test" / "patches" / "test_fused_ple.py")
+
+
 def _pin_router_norms(layers):
     # On CPU, Gemma4RMSNorm(with_scale=False).forward_native drops the folded router scale that
     # the CUDA path (and our fused kernel) applies; give the unpatched arm the server's math.
-    cpu_tests = _load("_fused_ple_cpu", ROOT / "test" / "patches" / "test_fused_ple.py")
+    cpu_tests = _fused_ple_tests()
     for layer in layers:
         if getattr(layer, "router", None) is not None:
             cpu_tests.pin_router_norm_to_cuda_semantics(layer.router.norm)
@@ -66,7 +72,7 @@ def _pin_router_norms(layers):
 def test_chain_arms_match_unpatched(sglang_cpu, allow_cpu, shape):
     from sglang.srt.models import gemma4_causal
 
-    _, layers, kind = lb.build_chain(shape, lb.CHAIN, "cpu", torch.float32)
+    layers, kind = lb.build_chain(shape, lb.CHAIN, "cpu", torch.float32)
     assert len(layers) == lb.CHAIN and all(isinstance(l, gemma4_causal.Gemma4DecoderLayer) for l in layers)
     assert layers[-1].is_full_attention and not layers[0].is_full_attention
     assert gemma4_causal.Gemma4Attention is not lb.ProjAttention  # restored after the build
@@ -168,8 +174,8 @@ def test_bf16_moe_chain_fused_is_as_close_to_fp32_as_unpatched(sglang_cpu, allow
     weights, the fused bf16 chain is as close as SGLang's own bf16 chain."""
     shape = dict(TINY_MOE, hidden=256, intermediate=192, swa_head_dim=64, full_head_dim=64, experts=128,
                  top_k=8, moe_intermediate=64)
-    _, l32, _ = lb.build_chain(shape, lb.CHAIN, "cpu", torch.float32)
-    _, l16, _ = lb.build_chain(shape, lb.CHAIN, "cpu", torch.bfloat16)
+    l32, _ = lb.build_chain(shape, lb.CHAIN, "cpu", torch.float32)
+    l16, _ = lb.build_chain(shape, lb.CHAIN, "cpu", torch.bfloat16)
     with torch.no_grad():
         for a, b in zip(l32, l16):
             for pa, pb in zip(a.parameters(), b.parameters()):
