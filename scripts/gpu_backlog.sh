@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
-# GPU validations, one name each (sessions of 2026-11-29..12-02 ran out of device time before all were done).
-# Done on the H200 (2026-12-02): swa, suite (30/30), demo, repro, yoco, modes, mm (7/7), fused (14/14), kernels
-# (325 passed) + bench-kernels with the current tile defaults, bench-layer, sanitizer (summary line cut by a 70 s
-# timeout), bench-spec, bench-enc, bench-tune. bench-e2e's triple-norm A/B at 4/8 layers is scheduler-bound (run 3
-# invalid; bench-layer replaces it); its E4B PLE half was cut by the 600 s limit. Not re-run since: window.
-# Each part fits one <=10-minute device call; run them in order, results land under $OUT.
+# GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
+# Recorded results (which part produced which file, earlier runs): runs/README.md.
 #   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
@@ -43,11 +39,11 @@ if [ "${1:-}" = lanes ]; then
   exit 0
 fi
 case "${1:-}" in
-  swa)   # triton SWA decode-window fix: regret vs fp32, spec vs no-spec (then make it default-on)
+  swa)   # triton SWA decode-window fix: regret vs fp32, spec vs no-spec
     $PY -m pytest test/gpu/test_triton_swa_window_gpu.py -q -s 2>&1 | tee "$OUT/swa.txt" ;;
   window) # issue #10: spec == plain == fp32 reference past the window (7 engines, ~5 min)
     $PY -m pytest test/gpu/test_window_lossless_gpu.py -q -s -rfE 2>&1 | tee "$OUT/window.txt" ;;
-  suite) # engine suite with the v2 MoE checkpoint and the calibrated comparison rule
+  suite) # engine suite: plugin on vs off, FROZEN_KV_MTP pairs vs no-spec (calibrated comparison rule)
     $PY -m pytest test/gpu/test_engine_plugin.py test/gpu/test_engine_spec.py -q -rfE 2>&1 | tee "$OUT/suite.txt" ;;
   demo)  $PY -m sglang_gemma4.cli demo 2>&1 | tee "$OUT/demo.txt"
           $PY -m sglang_gemma4.cli demo --spec 2>&1 | tee -a "$OUT/demo.txt" ;;
@@ -62,7 +58,7 @@ case "${1:-}" in
   bench-tune) # tile sweeps only (the table does not fit in the same call)
     timeout 240 $PY bench/kernels.py --out "$OUT/tune-r" --ops routing --tune --tune-only --tune-t 1024,8192,32768 2>&1 | tee "$OUT/tune.txt"
     timeout 320 $PY bench/kernels.py --out "$OUT/tune-g" --ops gelu_tanh_mul --tune --tune-only --tune-t 1,8,256,8192,32768 2>&1 | tee -a "$OUT/tune.txt" ;;
-  bench-e2e) # 256-token decode windows, best of 3: the 64-token windows of 2026-12-02 were jitter-dominated
+  bench-e2e) # fused triple-norm / PLE engine A/B, 256-token decode windows, best of 3 (scheduler-bound at these depths)
     $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs"
     $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs-ple" ;;
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s

@@ -195,7 +195,7 @@ def _gelu_tanh_mul_flat_kernel(g_ptr, p_ptr, out_ptr, N, BLOCK: tl.constexpr, WI
 
 
 def _gelu_launch_config(T: int, block_h: int):
-    # H200 --tune (runs/kernels-tune-nvidia-h200-2026-12-02-log.txt, H=256): 512-element
+    # H200 --tune (runs/kernels-tune-nvidia-h200-log.txt, H=256): 512-element
     # tiles on 4 warps were within 2 % of the best config at every T in 8..8192 (1.11 us at
     # T=8 vs 1.23 for the old 1-row/1-warp tiles; 4.39 vs 4.57 us at T=8192). Larger T keeps
     # the earlier rule (<= 2048-element tiles on 4 warps: 12.8 us, 94 % of copy at T=32768),

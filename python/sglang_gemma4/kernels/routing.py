@@ -159,7 +159,7 @@ def _launch_config(T: int, block_e: int):
     # Measured on H200 (bench/kernels.py --tune, E=128): T<=2048 is launch-bound, any small
     # tile is within noise of 1.6 us and 4x4 was best. Above that the kernel is bound by
     # the selection arithmetic, not by bytes: every tile from 2x1 to 16x8 lands within 4 %
-    # (runs/kernels-tune-nvidia-h200-2026-12-02-log.txt); 2 rows on 1 warp was fastest at
+    # (runs/kernels-tune-nvidia-h200-log.txt); 2 rows on 1 warp was fastest at
     # both T=8192 (4.92 us) and T=32768 (14.30 us). Rows scale with 128/E so other expert
     # counts keep the same elements per program.
     bt, nw = (4, 4) if T <= 2048 else (2, 1)

@@ -24,7 +24,7 @@ from sglang_gemma4.registry import Patch
 TARGET = "sglang.srt.models.gemma4_causal.gemma4_fused_routing"
 
 # Measured on the H200 (runs/kernels-nvidia-h200.md and
-# runs/kernels-routing-retuned-nvidia-h200.md, E=128 K=8 bf16): ours is 1.2-1.4x
+# runs/history/2026-11-29/kernels-routing-retuned-nvidia-h200.md, E=128 K=8 bf16): ours is 1.2-1.4x
 # SGLang's at T<=256 (decode) and 1.3-2.2x at T>=8192, with identical ids on the
 # GPU tests. Set False to fall back to "upstream" (SGLang's kernel).
 USE_OURS = True
@@ -83,7 +83,7 @@ class FusedRouting(Patch):
         if not USE_OURS and hasattr(gemma4_causal, "gemma4_fused_routing"):
             return (
                 "SGLang's gemma4_fused_routing already routes Gemma-4 in one launch; "
-                "ours stays off until runs/kernels-h200.md shows it faster (USE_OURS)"
+                "ours stays off until runs/kernels-nvidia-h200.md shows it faster (USE_OURS)"
             )
         return None
 
