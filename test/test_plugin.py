@@ -84,6 +84,40 @@ def test_swa_ratio_knob_off_keeps_sglang_default(gemma4_configs):
     assert got == {"moe/None": [0.8, 0.8], "moe/0.5": [0.5, 0.5]}
 
 
+GEMMA4_ARCHS = ("Gemma4ForConditionalGeneration", "Gemma4ForCausalLM", "Gemma4UnifiedForConditionalGeneration")
+
+
+def test_swa_ratio_override_registered_and_applied_for_every_gemma4_arch(monkeypatch, clean_env):
+    """Every architecture SGLang's own Gemma-4 override serves (the configs above only use
+    Gemma4ForConditionalGeneration) gets ours, through SGLang's declaration collector."""
+    import types
+
+    from sglang.srt.arg_groups import overrides
+    from sglang.srt.server_args import ServerArgs
+    from transformers import Gemma4Config
+
+    from sglang_gemma4.patches import swa_ratio
+
+    sglang_archs = tuple(a for a, fns in overrides._MODEL_OVERRIDE_FNS.items() if overrides._gemma4_overrides in fns)
+    assert sglang_archs == GEMMA4_ARCHS
+    monkeypatch.setattr(overrides, "_MODEL_OVERRIDE_FNS", {k: list(v) for k, v in overrides._MODEL_OVERRIDE_FNS.items()})
+    assert registry.apply(swa_ratio.PATCH, registry.evaluate(swa_ratio.PATCH, {}), {}).state == registry.ACTIVE
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32)
+    moe = Gemma4Config(text_config=dict(text, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                        moe_intermediate_size=32), vision_config=None, audio_config=None)
+    dense = Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+    # what the providers read (attention backend set: SGLang's Gemma-4 provider declares nothing)
+    args = types.SimpleNamespace(swa_full_tokens_ratio=ServerArgs.swa_full_tokens_ratio, attention_backend="triton",
+                                 is_attention_backend_not_set=lambda: False, moe_runner_backend="auto")
+    ours = swa_ratio.gemma4_swa_ratio_override.__qualname__
+    for arch in GEMMA4_ARCHS:
+        assert overrides._MODEL_OVERRIDE_FNS[arch].count(swa_ratio.gemma4_swa_ratio_override) == 1, arch
+        got = dict(overrides.collect_model_override_declarations(arch, args, moe))
+        assert got.get(ours) == {"swa_full_tokens_ratio": swa_ratio.MOE_RATIO}, (arch, got)
+        assert ours not in dict(overrides.collect_model_override_declarations(arch, args, dense)), arch
+
+
 BAD_ENGINE = r"""
 import sglang
 try:
