@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-26b
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -69,6 +69,17 @@ case "${1:-}" in
   sanitizer) # compute-sanitizer memcheck over the compiled kernel tests (current tile defaults)
     compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest test/kernels -q -k gpu -p no:cacheprovider 2>&1 \
       | tee "$OUT/sanitizer.txt"; echo "sanitizer rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.txt" ;;
+  serving) # issue #18: launch_server soak, faults, bad input, fresh-host first sampled request (one call, ~8 min)
+    $PY -m pytest test/gpu/test_serving_gpu.py test/patches/test_jit_prewarm.py -q -rfE 2>&1 | tee "$OUT/serving.txt" ;;
+  serve-e4b) # issue #17: full-depth E4B, plugin on/off + FROZEN_KV_MTP, servers alive together
+    $PY bench/serve.py --model e4b --arms on,off,spec --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-480}" \
+      --workloads "${SERVE_WORKLOADS:-tpot_3000_100,yoco_7000_10,long_ttft_c1,chat_c1,ttft_c16,chat_c32,decode_100_500}" \
+      --out "$OUT/serve-e4b" 2>&1 | tee "$OUT/serve-e4b.txt" ;;
+  serve-26b) # issue #17: full-depth 26B-A4B, equal static budgets (swa_ratio sizes pools as in production)
+    $PY bench/serve.py --model 26b --arms "${SERVE_ARMS:-on,off}" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
+      --deadline-s "${SERVE_DEADLINE_S:-480}" \
+      --workloads "${SERVE_WORKLOADS:-tpot_3000_100,summ_8000_200,chat_c1,chat_c32,decode_100_500}" \
+      --out "$OUT/serve-26b" 2>&1 | tee "$OUT/serve-26b.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-26b"; exit 2 ;;
 esac

@@ -1,0 +1,338 @@
+"""Serving benchmark: full-size Gemma-4 through ``python -m sglang.launch_server``, plugin on vs off.
+
+Every arm is a real HTTP server on dummy weights (``--load-format dummy``),
+all arms alive at once, driven by SGLang's own ``sglang.bench_serving``
+(``random-ids`` dataset: random token ids, no download; ``--tokenize-prompt``
+so prompt lengths are exact). Arms are interleaved per workload and repeat
+(rep 0: on, off; rep 1: off, on; ...), so drift hits both; every repeat uses
+its own seed and flushes the radix cache first.
+
+Arms: ``on`` (plugin), ``off`` (``SGLANG_PLUGINS=none``), ``spec`` / ``spec-off``
+(the same with FROZEN_KV_MTP and the real-width dummy assistant),
+``KNOB=V`` (plugin on, one knob flipped, e.g. ``SGLANG_GEMMA4_SWA_RATIO=0``).
+
+Memory: ``--static-gib G`` starts the servers one after another, each with G
+GiB of static memory (weights + KV), so pool-sizing patches (``swa_ratio``)
+act as in production; otherwise they start at once, each capped by
+``--max-total-tokens``.
+
+    python bench/serve.py --model e4b --arms on,off,spec --workloads chat_c1,tpot_3000_100 --out gpu-out/serve
+    python bench/serve.py --report runs/serve-e4b-nvidia-h200.json      # md + png from a recorded JSON
+
+With dummy weights the draft's accept length is ~1, so speculative arms report
+the speculative step time (TPOT x accept length) over the plain step time:
+the break-even accept length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from sglang_gemma4.testing import fullsize, server as srv  # noqa: E402
+
+# name: (input len, output len, prompts, max concurrency or None = all at once)
+WORKLOADS: Dict[str, tuple] = {
+    "chat_c1": (1000, 256, 4, 1),
+    "chat_c32": (1000, 256, 64, 32),
+    "ttft_c16": (1000, 256, 48, 16),
+    "summ_8000_200": (8000, 200, 40, None),
+    "tpot_3000_100": (3000, 100, 30, None),
+    "yoco_7000_10": (7000, 10, 30, None),
+    "long_ttft_c1": (7000, 4, 4, 1),
+    "decode_100_500": (100, 500, 32, 32),
+}
+# The seed's full sizes, for --full (too long for one 10-minute device call per model).
+FULL_WORKLOADS: Dict[str, tuple] = {
+    "chat_c1": (1000, 1000, 80, 1),
+    "chat_c32": (1000, 1000, 80, 32),
+    "summ_8000_200": (8000, 1000, 80, None),
+    "tpot_3000_100": (3000, 100, 30, None),
+    "yoco_7000_10": (7000, 10, 30, None),
+    "decode_100_500": (100, 1000, 80, 32),
+}
+METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms",
+           "output_throughput", "total_throughput", "duration", "accept_length", "completed")
+LOWER_IS_BETTER = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
+                   "p99_itl_ms", "duration")
+SPEC_ARGS = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
+             "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+
+
+def arm_config(arm: str, draft: Path) -> tuple:
+    """(env, extra server args) of an arm name."""
+    if arm == "on":
+        return {}, []
+    if arm == "off":
+        return {"SGLANG_PLUGINS": "none"}, []
+    if arm == "spec":
+        return {}, SPEC_ARGS + ["--speculative-draft-model-path", str(draft)]
+    if arm == "spec-off":
+        return {"SGLANG_PLUGINS": "none"}, SPEC_ARGS + ["--speculative-draft-model-path", str(draft)]
+    if "=" in arm:
+        k, v = arm.split("=", 1)
+        if not k.startswith("SGLANG_"):
+            raise ValueError(f"arm {arm!r}: a knob arm is SGLANG_<NAME>=<value>")
+        return {k: v}, []
+    raise ValueError(f"unknown arm {arm!r}: on, off, spec, spec-off or SGLANG_<KNOB>=<value>")
+
+
+def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeout: float) -> Dict[str, Any]:
+    inp, outp, n, conc = wl
+    f = out.with_suffix(".jsonl")
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
+           "--port", str(s.port), "--dataset-name", "random-ids", "--tokenize-prompt", "--tokenizer", str(tok),
+           "--random-input-len", str(inp), "--random-output-len", str(outp), "--random-range-ratio", "1.0",
+           "--num-prompts", str(n), "--request-rate", "inf", "--seed", str(seed), "--flush-cache",
+           "--output-file", str(f), "--disable-tqdm"]
+    if conc:
+        cmd += ["--max-concurrency", str(conc)]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out.with_suffix(".log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 or not f.exists():
+        raise RuntimeError(f"bench_serving failed on {s.name} rc={p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+    row = json.loads(f.read_text().strip().splitlines()[-1])
+    res = {k: row.get(k) for k in METRICS}
+    res["wall_s"] = round(time.time() - t0, 1)
+    return res
+
+
+def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k in METRICS:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        if vals:
+            med = statistics.median(vals)
+            out[k] = {"median": med, "min": min(vals), "max": max(vals), "n": len(vals),
+                      "spread": (max(vals) - min(vals)) / med if med else 0.0}
+    return out
+
+
+def compare(result: Dict[str, Any], base: str = "off") -> Dict[str, Any]:
+    """Per workload: each arm's median / the base arm's, and whether it is worse beyond spread."""
+    cmp: Dict[str, Any] = {}
+    for wl, arms in result["summary"].items():
+        if base not in arms:
+            continue
+        b = arms[base]
+        for arm, m in arms.items():
+            if arm == base or arm.startswith("spec"):
+                continue
+            row = {}
+            for k in LOWER_IS_BETTER + ("output_throughput",):
+                if k in m and k in b and b[k]["median"]:
+                    ratio = m[k]["median"] / b[k]["median"]
+                    noise = max(m[k]["spread"], b[k]["spread"])
+                    worse = ratio > 1 + noise if k in LOWER_IS_BETTER else ratio < 1 - noise
+                    row[k] = {"ratio": round(ratio, 4), "spread": round(noise, 4), "worse_beyond_spread": worse}
+            cmp.setdefault(wl, {})[f"{arm}/{base}"] = row
+    return cmp
+
+
+def spec_breakeven(result: Dict[str, Any]) -> Dict[str, Any]:
+    """spec step / plain step = TPOT_spec * accept_length / TPOT_plain (the break-even accept length)."""
+    out: Dict[str, Any] = {}
+    for wl, arms in result["summary"].items():
+        for spec_arm, plain_arm in (("spec", "on"), ("spec-off", "off")):
+            if spec_arm in arms and plain_arm in arms and "median_tpot_ms" in arms[spec_arm]:
+                acc = arms[spec_arm].get("accept_length", {}).get("median") or 1.0
+                step = arms[spec_arm]["median_tpot_ms"]["median"] * acc
+                plain = arms[plain_arm]["median_tpot_ms"]["median"]
+                out.setdefault(wl, {})[spec_arm] = {
+                    "accept_length": acc, "spec_step_ms": round(step, 3), "plain_step_ms": round(plain, 3),
+                    "break_even_accept_length": round(step / plain, 3)}
+    return out
+
+
+def versions() -> Dict[str, Any]:
+    import importlib.metadata as md
+
+    v = {}
+    for d in ("sglang", "torch", "triton", "flashinfer-python", "sglang-gemma4"):
+        try:
+            v[d] = md.version(d)
+        except md.PackageNotFoundError:
+            v[d] = None
+    try:
+        v["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True).stdout.strip().splitlines()[0]
+    except (OSError, IndexError):
+        v["gpu"] = None
+    return v
+
+
+def write_report(result: Dict[str, Any], json_path: Path) -> None:
+    """Markdown (+ PNG when matplotlib is there) next to the JSON."""
+    md = [f"# Serving benchmark: {result['model']} ({result['versions'].get('gpu')})", "",
+          f"Date {result['date']}; SGLang {result['versions'].get('sglang')}, torch {result['versions'].get('torch')}, "
+          f"triton {result['versions'].get('triton')}. `python -m sglang.launch_server --load-format dummy` per arm "
+          f"(all alive), `sglang.bench_serving --dataset-name random-ids`, {result['repeat']} interleaved repeats; "
+          f"median over repeats, spread = (max-min)/median. Model: {json.dumps(result['model_summary'])}.",
+          "", f"Server args: `{' '.join(result['server_args'])}`; memory: {result['memory']}.", ""]
+    if result.get("note"):
+        md += [result["note"], ""]
+    md += ["## Servers", "", "| arm | env | ready after (s) | pools (from the server log) |", "|---|---|---|---|"]
+    for arm, s in result["servers"].items():
+        md.append(f"| {arm} | `{json.dumps(s['env'])}` | {s['ready_s']} | {json.dumps(s['pools'])} |")
+    md += ["", "## Results (median over repeats)", "",
+           "| workload (in/out x n, conc) | arm | TTFT med / p99 (ms) | TPOT med / p99 (ms) | ITL med (ms) | out tok/s | duration (s) | accept | spread TPOT |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for wl, arms in result["summary"].items():
+        i, o, n, c = result["workloads"][wl]
+        for arm, m in arms.items():
+            g = lambda k, f="{:.1f}": f.format(m[k]["median"]) if k in m else "-"  # noqa: E731
+            md.append(f"| {wl} ({i}/{o} x {n}, {c or 'all'}) | {arm} | {g('median_ttft_ms')} / {g('p99_ttft_ms')} | "
+                      f"{g('median_tpot_ms', '{:.2f}')} / {g('p99_tpot_ms', '{:.2f}')} | {g('median_itl_ms', '{:.2f}')} | "
+                      f"{g('output_throughput', '{:.0f}')} | {g('duration', '{:.2f}')} | {g('accept_length', '{:.2f}')} | "
+                      f"{m['median_tpot_ms']['spread']:.3f} |" if "median_tpot_ms" in m else f"| {wl} | {arm} | (failed) |")
+    md += ["", "## Ratios (arm / off; < 1 is faster for times)", "",
+           "| workload | arms | TTFT med | TTFT p99 | TPOT med | duration | out tok/s | worse beyond spread |", "|---|---|---|---|---|---|---|---|"]
+    for wl, rows in result["compare"].items():
+        for pair, r in rows.items():
+            g = lambda k: f"{r[k]['ratio']:.3f}" if k in r else "-"  # noqa: E731
+            worse = [k for k, v in r.items() if v["worse_beyond_spread"]]
+            md.append(f"| {wl} | {pair} | {g('median_ttft_ms')} | {g('p99_ttft_ms')} | {g('median_tpot_ms')} | "
+                      f"{g('duration')} | {g('output_throughput')} | {', '.join(worse) or 'none'} |")
+    if result.get("spec"):
+        md += ["", "## FROZEN_KV_MTP step cost (dummy assistant, accept ~1)", "",
+               "| workload | arm | accept | spec step (ms) | plain step (ms) | break-even accept length |", "|---|---|---|---|---|---|"]
+        for wl, rows in result["spec"].items():
+            for arm, r in rows.items():
+                md.append(f"| {wl} | {arm} | {r['accept_length']:.2f} | {r['spec_step_ms']:.2f} | {r['plain_step_ms']:.2f} | "
+                          f"{r['break_even_accept_length']:.2f} |")
+    if result.get("errors"):
+        md += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
+    json_path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    pairs = [(wl, pair, r) for wl, rows in result["compare"].items() for pair, r in rows.items()]
+    if not pairs:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, len(pairs) * 1.1), 4))
+    xs = range(len(pairs))
+    for j, k in enumerate(("median_ttft_ms", "median_tpot_ms", "duration")):
+        ax.bar([x + j * 0.27 for x in xs], [r.get(k, {}).get("ratio", 0) for _, _, r in pairs], 0.27, label=k)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + 0.27 for x in xs], [f"{wl}\n{pair}" for wl, pair, _ in pairs], fontsize=7)
+    ax.set_ylabel("arm / off (lower = faster)")
+    ax.set_title(f"{result['model']} serving, {result['versions'].get('gpu')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(json_path.with_suffix(".png"), dpi=110)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(fullsize.TARGETS))
+    ap.add_argument("--arms", default="on,off")
+    ap.add_argument("--workloads", default="chat_c1,chat_c32,tpot_3000_100,yoco_7000_10,decode_100_500")
+    ap.add_argument("--full", action="store_true", help="the seed's prompt counts and output lengths")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("gpu-out/serve"))
+    ap.add_argument("--static-gib", type=float, help="start servers one after another with this static budget")
+    ap.add_argument("--max-total-tokens", type=int, default=200000)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.85, help="parallel start only")
+    ap.add_argument("--context-length", type=int, default=10240)
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=64)
+    ap.add_argument("--extra-server-args", default="")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="stop starting new runs after this many seconds")
+    ap.add_argument("--bench-timeout", type=float, default=240)
+    ap.add_argument("--note", default="")
+    ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
+    a = ap.parse_args(argv)
+    if a.report:
+        write_report(json.loads(a.report.read_text()), a.report)
+        return 0
+    if not a.model:
+        ap.error("--model is required")
+    t_start = time.time()
+    table = FULL_WORKLOADS if a.full else WORKLOADS
+    wls = [w for w in a.workloads.split(",") if w]
+    bad = [w for w in wls if w not in table]
+    if bad:
+        ap.error(f"unknown workloads {bad}; known: {', '.join(table)}")
+    arms = [x for x in a.arms.split(",") if x]
+    a.out.mkdir(parents=True, exist_ok=True)
+    target, draft = fullsize.write_model(a.model, a.out / "models")
+    base_args = ["--load-format", "dummy", "--attention-backend", "triton", "--context-length", str(a.context_length),
+                 "--cuda-graph-max-bs", str(a.cuda_graph_max_bs), *a.extra_server_args.split()]
+    if a.static_gib:
+        memory = f"sequential start, {a.static_gib} GiB static (weights + KV) per server"
+    else:
+        base_args += ["--max-total-tokens", str(a.max_total_tokens), "--mem-fraction-static", str(a.mem_fraction_static)]
+        memory = f"parallel start, --max-total-tokens {a.max_total_tokens}"
+    servers = {}
+    for arm in arms:
+        env, extra = arm_config(arm, draft)
+        servers[arm] = srv.make_server(arm, target, a.out / "logs", [*base_args, *extra], env=env)
+    result: Dict[str, Any] = {
+        "model": a.model, "model_summary": fullsize.summary(a.model), "date": datetime.date.today().isoformat(),
+        "versions": versions(), "repeat": a.repeat, "server_args": base_args, "memory": memory,
+        "workloads": {w: table[w] for w in wls}, "runs": {}, "servers": {}, "errors": [], "note": a.note,
+    }
+    json_path = a.out / f"serve-{a.model}.json"
+
+    def save():
+        result["summary"] = {w: {arm: summarise(rs) for arm, rs in by.items() if rs} for w, by in result["runs"].items()}
+        result["compare"] = compare(result)
+        result["spec"] = spec_breakeven(result)
+        for arm, s in servers.items():
+            result["servers"][arm] = {"env": s.env, "ready_s": s.ready_s, "pools": s.pool_sizes(),
+                                      "checks_fired": s.checks_fired()[:20], "alive": s.alive()}
+        json_path.write_text(json.dumps(result, indent=1))
+        write_report(result, json_path)
+
+    try:
+        if a.static_gib:
+            srv.start_sequential(list(servers.values()), a.static_gib)
+        else:
+            srv.start_parallel(list(servers.values()))
+        print(f"servers ready: {[(k, s.ready_s) for k, s in servers.items()]}", flush=True)
+        for w in wls:
+            for rep in range(a.repeat):
+                order = arms if rep % 2 == 0 else arms[::-1]
+                for arm in order:
+                    if time.time() - t_start > a.deadline_s:
+                        result["errors"].append(f"deadline: {w} rep {rep} {arm} and later runs not started")
+                        raise TimeoutError
+                    s = servers[arm]
+                    try:
+                        r = bench_once(s, target, table[w], 1000 + rep, a.out / "logs" / f"{w}-{arm}-{rep}", a.bench_timeout)
+                        result["runs"].setdefault(w, {}).setdefault(arm, []).append(r)
+                        print(f"{w} rep{rep} {arm}: TTFT {r['median_ttft_ms']:.1f} TPOT {r['median_tpot_ms']:.2f} "
+                              f"dur {r['duration']:.2f} accept {r['accept_length']}", flush=True)
+                    except Exception as e:
+                        result["errors"].append(f"{w} rep {rep} {arm}: {type(e).__name__}: {str(e)[:400]}")
+                        print(result["errors"][-1], flush=True)
+                save()
+    except TimeoutError:
+        pass
+    except Exception as e:
+        result["errors"].append(f"{type(e).__name__}: {str(e)[:1500]}")
+    finally:
+        save()
+        srv.stop_all(list(servers.values()))
+        save()
+    print(json_path.with_suffix(".md").read_text())
+    return 0 if not result["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

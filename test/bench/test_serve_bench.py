@@ -1,0 +1,81 @@
+"""bench/serve.py's arms, statistics and report on synthetic runs (CPU); the configs it serves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arms(serve, tmp_path):
+    assert serve.arm_config("off", tmp_path) == ({"SGLANG_PLUGINS": "none"}, [])
+    env, args = serve.arm_config("spec", tmp_path)
+    assert env == {} and str(tmp_path) in args and "NEXTN" in args
+    assert serve.arm_config("SGLANG_GEMMA4_SWA_RATIO=0", tmp_path) == ({"SGLANG_GEMMA4_SWA_RATIO": "0"}, [])
+    for bad in ("fast", "FOO=1"):
+        with pytest.raises(ValueError):
+            serve.arm_config(bad, tmp_path)
+
+
+def _run(tpot, ttft, acc=None):
+    return {k: 1.0 for k in serve_metrics()} | {"median_tpot_ms": tpot, "median_ttft_ms": ttft, "accept_length": acc,
+                                                "duration": tpot}
+
+
+def serve_metrics():
+    return ("p99_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "output_throughput", "total_throughput",
+            "completed")
+
+
+def test_compare_flags_only_what_is_worse_beyond_spread(serve, tmp_path):
+    runs = {"w": {"on": [_run(5.0, 100), _run(5.1, 140), _run(4.9, 120)],
+                  "off": [_run(6.0, 100), _run(6.1, 101), _run(5.9, 99)],
+                  "spec": [_run(4.0, 100, 1.0), _run(4.1, 100, 1.0), _run(3.9, 100, 1.0)]}}
+    res = {"runs": runs, "summary": {w: {a: serve.summarise(rs) for a, rs in by.items()} for w, by in runs.items()}}
+    cmp = serve.compare(res)["w"]["on/off"]
+    assert cmp["median_tpot_ms"]["ratio"] == pytest.approx(5.0 / 6.0, abs=1e-4)
+    assert not cmp["median_tpot_ms"]["worse_beyond_spread"]
+    # TTFT 120 vs 100 is 1.2x, but on's own spread is 40/120: not beyond spread
+    assert cmp["median_ttft_ms"]["ratio"] == pytest.approx(1.2) and not cmp["median_ttft_ms"]["worse_beyond_spread"]
+    res["summary"]["w"]["on"]["median_ttft_ms"]["spread"] = 0.01
+    assert serve.compare(res)["w"]["on/off"]["median_ttft_ms"]["worse_beyond_spread"]
+    be = serve.spec_breakeven(res)["w"]["spec"]
+    assert be["break_even_accept_length"] == pytest.approx(4.0 / 5.0, abs=1e-3)
+    res.update(model="e4b", model_summary={}, date="d", versions={"gpu": "G"}, repeat=3, server_args=["--x"],
+               memory="m", workloads={"w": (1, 2, 3, None)}, servers={"on": {"env": {}, "ready_s": 1, "pools": {}}},
+               spec=serve.spec_breakeven(res), compare=serve.compare(res), errors=["e1"])
+    p = tmp_path / "serve-e4b.json"
+    p.write_text(json.dumps(res))
+    assert serve.main(["--report", str(p)]) == 0
+    md = p.with_suffix(".md").read_text()
+    assert "| w | on/off | 1.200 |" in md and "break-even" in md and "- e1" in md
+
+
+def test_full_size_configs_match_the_model_facts(tmp_path):
+    from sglang_gemma4.testing import fullsize
+
+    facts = {"e2b": (35, 20, 1536, 0), "e4b": (42, 18, 2560, 0), "26b": (30, 0, 2816, 128), "31b": (60, 0, 5376, 0)}
+    for name, (layers, shared, hidden, experts) in facts.items():
+        s = fullsize.summary(name)
+        assert (s["layers"], s["kv_shared"], s["hidden"], s["experts"]) == (layers, shared, hidden, experts)
+    assert fullsize.summary("26b")["sliding"] == 25 and fullsize.summary("e2b")["sliding"] == 28
+    t, d = fullsize.write_model("26b", tmp_path)
+    cfg, dcfg = json.loads((t / "config.json").read_text()), json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma4ForCausalLM"] and cfg["vocab_size"] == 262144
+    assert dcfg["backbone_hidden_size"] == 2816 and dcfg["text_config"]["hidden_size"] == 1024
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(t))
+    assert tok.vocab_size == 262144 and tok.decode([10, 262143]) == "t10 t262143"
