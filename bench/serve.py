@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from sglang_gemma4.testing import fullsize, server as srv  # noqa: E402
 
@@ -107,6 +108,39 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
     res = {k: row.get(k) for k in METRICS}
     res["wall_s"] = round(time.time() - t0, 1)
     return res
+
+
+def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, delay_s: float,
+                 timeout: float) -> Dict[str, Any]:
+    """Trace ``steps`` scheduler steps of a live load (started ``delay_s`` in, past the prefills)."""
+    import threading
+
+    import decode_profile
+
+    d = out.parent / f"{out.name}-trace"
+    d.mkdir(parents=True, exist_ok=True)
+    box: Dict[str, Any] = {}
+    th = threading.Thread(target=lambda: box.update(r=bench_once(s, tok, wl, 4242, out, timeout)))
+    th.start()
+    time.sleep(delay_s)
+    st, body = srv.http(s.base + "/start_profile", {"output_dir": str(d), "num_steps": steps, "activities": ["GPU"]})
+    th.join()
+    if st != 200:
+        raise RuntimeError(f"/start_profile: HTTP {st}: {str(body)[:300]}")
+    deadline = time.time() + 90
+    traces: List[Path] = []
+    while time.time() < deadline and not traces:
+        time.sleep(2)
+        traces = sorted(p for p in d.rglob("*") if p.suffix in (".json", ".gz") and p.stat().st_size > 0)
+    if not traces:
+        raise RuntimeError(f"no trace written under {d}")
+    time.sleep(3)  # let the writer finish
+    t = decode_profile.table([k for p in traces for k in decode_profile.kernels(decode_profile.load_events(p))], steps)
+    t["traces"] = [p.name for p in traces]
+    t["load"] = box.get("r")
+    for p in traces:
+        p.unlink()
+    return t
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -212,6 +246,12 @@ def write_report(result: Dict[str, Any], json_path: Path) -> None:
             for arm, r in rows.items():
                 md.append(f"| {wl} | {arm} | {r['accept_length']:.2f} | {r['spec_step_ms']:.2f} | {r['plain_step_ms']:.2f} | "
                           f"{r['break_even_accept_length']:.2f} |")
+    if result.get("profiles"):
+        import decode_profile
+
+        md += ["", "## Decode-step kernel profile (torch profiler on the live server)", ""]
+        for item, t in result["profiles"].items():
+            md.append(decode_profile.markdown(item, t))
     if result.get("errors"):
         md += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
     json_path.with_suffix(".md").write_text("\n".join(md) + "\n")
@@ -255,6 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--deadline-s", type=float, default=1e9, help="stop starting new runs after this many seconds")
     ap.add_argument("--bench-timeout", type=float, default=240)
     ap.add_argument("--note", default="")
+    ap.add_argument("--profile", default="", help="ARM:WORKLOAD[,...]: one extra, untimed, traced pass each")
+    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--profile-delay-s", type=float, default=2.0)
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
     a = ap.parse_args(argv)
     if a.report:
@@ -322,6 +365,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                         result["errors"].append(f"{w} rep {rep} {arm}: {type(e).__name__}: {str(e)[:400]}")
                         print(result["errors"][-1], flush=True)
                 save()
+        for item in [x for x in a.profile.split(",") if x]:
+            arm, w = item.split(":")
+            if time.time() - t_start > a.deadline_s:
+                result["errors"].append(f"deadline: profile {item} not run")
+                break
+            try:
+                result.setdefault("profiles", {})[item] = profile_once(
+                    servers[arm], target, table[w], a.out / "logs" / f"profile-{w}-{arm}", a.profile_steps,
+                    a.profile_delay_s, a.bench_timeout)
+            except Exception as e:
+                result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
+            save()
     except TimeoutError:
         pass
     except Exception as e:

@@ -79,3 +79,26 @@ def test_full_size_configs_match_the_model_facts(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(t))
     assert tok.vocab_size == 262144 and tok.decode([10, 262143]) == "t10 t262143"
+
+
+def test_decode_profile_table_from_a_chrome_trace(tmp_path):
+    import gzip
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_profile
+
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "dur": d} for n, d in
+          [("nvjet_tst_128x64_gemm", 60.0), ("_fwd_kernel_stage1", 20.0), ("fused_moe_kernel", 10.0),
+           ("_triple_rmsnorm_kernel", 6.0), ("gemma_rmsnorm_kernel", 4.0)]] + [
+          {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 999.0}]
+    p = tmp_path / "t.trace.json.gz"
+    with gzip.open(p, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    t = decode_profile.table(decode_profile.kernels(decode_profile.load_events(p)), steps=2)
+    assert t["kernel_us_per_step"] == 50.0
+    assert t["shares"] == {"gemm": 0.6, "attention": 0.2, "moe": 0.1, "other": 0.1}
+    names = [k["name"] for k in t["other_kernels"]]
+    assert names == ["_triple_rmsnorm_kernel", "gemma_rmsnorm_kernel"]
+    assert t["other_kernels"][0]["launched_by"] == "sglang-gemma4 fused_triple_norm"
+    assert "| other | 10.0 % |" in decode_profile.markdown("x", t)

@@ -1,0 +1,121 @@
+"""Kernel-time shares of a served decode step, from SGLang's torch-profiler traces.
+
+bench/serve.py ``--profile`` asks a live server (``/start_profile``, GPU
+activity, a fixed number of scheduler steps) to trace while a decode-heavy
+workload runs; this module turns the trace (chrome JSON, ``.json`` or
+``.json.gz``) into the table issue #20 asks for: shares of GEMMs, attention,
+MoE experts and everything else, with every "else" kernel named.
+
+    python bench/decode_profile.py TRACE [TRACE ...] --steps 30 --out table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Tuple
+
+# First match wins; patterns are matched against the lower-cased kernel name ("gemma" is not a GEMM).
+CATEGORIES: Tuple[Tuple[str, str], ...] = (
+    ("moe", r"fused_moe|moe_align|moe_sum|expert|silu_and_mul_moe|grouped_gemm|moe_"),
+    ("attention", r"attn|attention|_fwd_kernel|flash|decode_grouped|extend|fmha|paged"),
+    ("gemm", r"gemm(?!a)|cutlass|xmma|cublas|nvjet|matmul|sm90_|splitk|ampere_|hopper_"),
+    ("memcpy/memset", r"^memcpy|^memset|copy_kernel|cudamemcpy"),
+)
+# SGLang / plugin launch sites for the "other" kernels we know (name regex -> who launches it).
+LAUNCHERS: Tuple[Tuple[str, str], ...] = (
+    (r"triple_rmsnorm|_triple", "sglang-gemma4 fused_triple_norm"),
+    (r"rmsnorm|rms_norm|layernorm", "RMSNorm layers (Gemma4RMSNorm / sgl_kernel gemma_rmsnorm; plugin fused norms)"),
+    (r"gelu|act_and_mul|silu", "MLP activation (sgl_kernel gelu_tanh_and_mul; plugin PLE tail)"),
+    (r"rope|rotary", "rotary embedding (Gemma4 attention q/k)"),
+    (r"routing|topk|softmax", "MoE routing / sampling softmax"),
+    (r"softcap|tanh", "final logit soft-capping"),
+    (r"argmax|sampling|sample", "sampler"),
+    (r"elementwise|vectorized|unrolled|reduce_kernel|index|scatter|gather|cat", "torch elementwise/index ops"),
+)
+
+
+def load_events(path: Path) -> List[Dict[str, Any]]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data.get("traceEvents", data) if isinstance(data, dict) else data
+
+
+def kernels(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, float]]:
+    """(name, duration us) of every GPU kernel / memcpy / memset event."""
+    out = []
+    for e in events:
+        cat = str(e.get("cat", "")).lower()
+        if e.get("ph") == "X" and cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            out.append((str(e.get("name", "?")), float(e.get("dur", 0.0))))
+    return out
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    for cat, rx in CATEGORIES:
+        if re.search(rx, n):
+            return cat
+    return "other"
+
+
+def launcher(name: str) -> str:
+    n = name.lower()
+    for rx, who in LAUNCHERS:
+        if re.search(rx, n):
+            return who
+    return "?"
+
+
+def table(ks: List[Tuple[str, float]], steps: int, top: int = 25) -> Dict[str, Any]:
+    total = sum(d for _, d in ks) or 1.0
+    by_cat: Dict[str, float] = {}
+    by_name: Dict[str, List[float]] = {}
+    for name, d in ks:
+        by_cat[category(name)] = by_cat.get(category(name), 0.0) + d
+        by_name.setdefault(name, []).append(d)
+    others = sorted(((n, sum(v), len(v)) for n, v in by_name.items() if category(n) == "other"),
+                    key=lambda t: -t[1])
+    return {
+        "steps": steps, "kernel_us_total": round(total, 1), "kernel_us_per_step": round(total / max(steps, 1), 1),
+        "shares": {c: round(v / total, 4) for c, v in sorted(by_cat.items(), key=lambda t: -t[1])},
+        "other_kernels": [{"name": n[:160], "share": round(t / total, 4), "calls_per_step": round(c / max(steps, 1), 1),
+                           "us_per_step": round(t / max(steps, 1), 2), "launched_by": launcher(n)}
+                          for n, t, c in others[:top]],
+    }
+
+
+def markdown(title: str, t: Dict[str, Any]) -> str:
+    lines = [f"### {title}", "", f"{t['steps']} steps traced, {t['kernel_us_per_step']} us of kernel time per step.", "",
+             "| category | share |", "|---|---|"]
+    lines += [f"| {c} | {v * 100:.1f} % |" for c, v in t["shares"].items()]
+    lines += ["", "| other kernel | share | calls/step | us/step | launched by |", "|---|---|---|---|---|"]
+    lines += [f"| `{k['name']}` | {k['share'] * 100:.2f} % | {k['calls_per_step']} | {k['us_per_step']} | {k['launched_by']} |"
+              for k in t["other_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    ks = [k for p in a.traces for k in kernels(load_events(p))]
+    if not ks:
+        print(f"no kernel events in {a.traces}", file=sys.stderr)
+        return 1
+    t = table(ks, a.steps)
+    if a.out:
+        a.out.write_text(json.dumps(t, indent=1))
+    print(markdown(", ".join(p.name for p in a.traces), t))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
