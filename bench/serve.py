@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -71,6 +72,10 @@ SPEC_ARGS = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
              "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
 
 
+class _Deadline(Exception):
+    pass
+
+
 def arm_config(arm: str, draft: Path) -> tuple:
     """(env, extra server args) of an arm name."""
     if arm == "on":
@@ -90,20 +95,42 @@ def arm_config(arm: str, draft: Path) -> tuple:
 
 
 def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeout: float) -> Dict[str, Any]:
+    """One ``sglang.bench_serving`` run, in this process (its import costs ~15 s; runs here cost none)."""
+    import contextlib
+
+    from sglang.benchmark import serving as bench_serving
+
     inp, outp, n, conc = wl
     f = out.with_suffix(".jsonl")
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
-           "--port", str(s.port), "--dataset-name", "random-ids", "--tokenize-prompt", "--tokenizer", str(tok),
-           "--random-input-len", str(inp), "--random-output-len", str(outp), "--random-range-ratio", "1.0",
-           "--num-prompts", str(n), "--request-rate", "inf", "--seed", str(seed), "--flush-cache",
-           "--output-file", str(f), "--disable-tqdm"]
+    argv = ["--backend", "sglang", "--host", "127.0.0.1",
+            "--port", str(s.port), "--dataset-name", "random-ids", "--tokenize-prompt", "--tokenizer", str(tok),
+            "--random-input-len", str(inp), "--random-output-len", str(outp), "--random-range-ratio", "1.0",
+            "--num-prompts", str(n), "--request-rate", "inf", "--seed", str(seed), "--flush-cache",
+            "--output-file", str(f), "--disable-tqdm"]
     if conc:
-        cmd += ["--max-concurrency", str(conc)]
+        argv += ["--max-concurrency", str(conc)]
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    out.with_suffix(".log").write_text(p.stdout + p.stderr)
-    if p.returncode != 0 or not f.exists():
-        raise RuntimeError(f"bench_serving failed on {s.name} rc={p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+    saved = sys.argv
+    sys.argv = ["sglang.bench_serving", *argv]
+    box: Dict[str, Any] = {}
+
+    def go():
+        try:
+            with open(out.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log):
+                bench_serving.cli_main()
+        except BaseException as e:  # SystemExit on its own errors
+            box["error"] = e
+
+    th = threading.Thread(target=go, daemon=True)  # a hung server must not hang the whole benchmark
+    th.start()
+    th.join(timeout)
+    sys.argv = saved
+    if th.is_alive():
+        raise TimeoutError(f"bench_serving on {s.name} still running after {timeout:.0f} s")
+    if "error" in box:
+        raise RuntimeError(f"bench_serving failed on {s.name}: {box['error']!r}; see {out.with_suffix('.log')}")
+    if not f.exists():
+        raise RuntimeError(f"bench_serving wrote no result on {s.name}; see {out.with_suffix('.log')}")
     row = json.loads(f.read_text().strip().splitlines()[-1])
     res = {k: row.get(k) for k in METRICS}
     res["wall_s"] = round(time.time() - t0, 1)
@@ -113,8 +140,6 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
 def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, delay_s: float,
                  timeout: float) -> Dict[str, Any]:
     """Trace ``steps`` scheduler steps of a live load (started ``delay_s`` in, past the prefills)."""
-    import threading
-
     import decode_profile
 
     d = out.parent / f"{out.name}-trace"
@@ -354,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for arm in order:
                     if time.time() - t_start > a.deadline_s:
                         result["errors"].append(f"deadline: {w} rep {rep} {arm} and later runs not started")
-                        raise TimeoutError
+                        raise _Deadline
                     s = servers[arm]
                     try:
                         r = bench_once(s, target, table[w], 1000 + rep, a.out / "logs" / f"{w}-{arm}-{rep}", a.bench_timeout)
@@ -377,7 +402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception as e:
                 result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
             save()
-    except TimeoutError:
+    except _Deadline:
         pass
     except Exception as e:
         result["errors"].append(f"{type(e).__name__}: {str(e)[:1500]}")
