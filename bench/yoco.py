@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from sglang_gemma4.testing import checkpoints, engine
 
     gpu = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-") or "gpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
