@@ -175,3 +175,109 @@ def test_readme_knob_table_is_current():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert cli.knob_table_markdown() in readme, "regenerate with: sglang-gemma4 knobs"
+
+
+# -- the patch table once per server (issue #21) ------------------------------
+SPAWN_CHILD = r"""
+import multiprocessing as mp, os, sys
+from sglang.srt.plugins import load_plugins
+load_plugins()  # the launcher
+p = mp.get_context("spawn").Process(target=load_plugins)  # a scheduler, as SGLang starts it
+p.start(); p.join()
+print("PID", os.getpid(), "CHILD_RC", p.exitcode)
+"""
+
+
+def test_patch_table_logged_once_per_server():
+    proc = run_py(SPAWN_CHILD, {})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pid = proc.stdout.split("PID ")[1].split()[0]
+    assert "CHILD_RC 0" in proc.stdout
+    table = [l for l in proc.stderr.splitlines() if "INFO patch " in l]
+    summary = [l for l in proc.stderr.splitlines() if "patch table logged by pid" in l]
+    assert len(table) == len(registry.all_patches()), proc.stderr[-3000:]
+    assert len(summary) == 1 and f"logged by pid {pid}" in summary[0], proc.stderr[-3000:]
+    assert "active" in summary[0]
+
+
+def _fake_statuses(state=registry.ACTIVE):
+    return [registry.PatchStatus(f"p{i}", "s", f"SGLANG_GEMMA4_P{i}", "1 (default)", state, "r") for i in range(3)]
+
+
+class _Lines(list):
+    def __enter__(self):
+        import logging
+
+        self.h = logging.Handler()
+        self.h.emit = lambda rec: self.append(rec.getMessage())
+        self.lg = logging.getLogger("sglang_gemma4")
+        self.level = self.lg.level
+        self.lg.addHandler(self.h)
+        self.lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.lg.removeHandler(self.h)
+        self.lg.setLevel(self.level)
+
+
+def test_log_result_table_or_summary(monkeypatch):
+    import os
+
+    from sglang_gemma4 import plugin
+
+    st = _fake_statuses()
+    monkeypatch.delenv(plugin.TABLE_OWNER_ENV, raising=False)
+    monkeypatch.setattr(plugin.multiprocessing, "parent_process", lambda: None)
+    with _Lines() as lines:
+        plugin._log_result(st)  # first process: the table, and the marker for its children
+    assert len(lines) == 3 and all(l.startswith("patch p") for l in lines)
+    marker = os.environ[plugin.TABLE_OWNER_ENV]
+    assert marker.startswith(f"{os.getpid()}:")
+
+    # a multiprocessing child of that process, same decisions: one line
+    monkeypatch.setattr(plugin.multiprocessing, "parent_process", lambda: object())
+    monkeypatch.setattr(plugin, "_ancestors", lambda: [os.getpid(), 1234])
+    with _Lines() as lines:
+        plugin._log_result(st)
+    assert lines == [f"sglang-gemma4: 3 active (patch table logged by pid {os.getpid()})"]
+
+    # decided differently (its env changed): its own table
+    with _Lines() as lines:
+        plugin._log_result(_fake_statuses(registry.DISABLED))
+    assert len(lines) == 3
+    monkeypatch.setenv(plugin.TABLE_OWNER_ENV, marker)
+    # the marker's pid is no ancestor (inherited through some other path): table
+    monkeypatch.setattr(plugin, "_ancestors", lambda: [1234])
+    with _Lines() as lines:
+        plugin._log_result(st)
+    assert len(lines) == 3
+    # a server started by subprocess from a process that loaded the plugin: table
+    monkeypatch.setattr(plugin, "_ancestors", lambda: [os.getpid()])
+    monkeypatch.setattr(plugin.multiprocessing, "parent_process", lambda: None)
+    with _Lines() as lines:
+        plugin._log_result(st)
+    assert len(lines) == 3
+
+
+def test_errors_logged_in_child_processes_too(monkeypatch):
+    import os
+
+    import pytest
+
+    from sglang_gemma4 import plugin
+    from sglang_gemma4.knobs import KnobError
+
+    class _Bad(registry.Patch):
+        name, summary, knob, seed = "bad", "s", "SGLANG_GEMMA4_BAD_TEST", "-"
+
+    monkeypatch.setattr(plugin, "_STATUSES", None)
+    monkeypatch.setattr(plugin, "_stop_startup", lambda e: None)  # no refuse hooks in this process
+    monkeypatch.setattr(plugin.registry, "all_patches", lambda: [_Bad()])
+    monkeypatch.setenv("SGLANG_GEMMA4_BAD_TEST", "maybe")
+    monkeypatch.setattr(plugin.multiprocessing, "parent_process", lambda: object())
+    monkeypatch.setattr(plugin, "_ancestors", lambda: [os.getpid()])
+    monkeypatch.setenv(plugin.TABLE_OWNER_ENV, f"{os.getpid()}:whatever")
+    with _Lines() as lines, pytest.raises(KnobError):
+        plugin.load()
+    assert len(lines) == 1 and "SGLANG_GEMMA4_BAD_TEST" in lines[0] and "refusing to start" in lines[0]

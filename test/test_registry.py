@@ -84,3 +84,35 @@ def test_extra_setting_error_is_a_startup_error():
     # a patch switched off does not validate its extra settings
     st = registry.evaluate(_Budget(), {"SGLANG_GEMMA4_FAKE_BUDGET": "x", "SGLANG_GEMMA4_FAKE": "0"})
     assert st.state == registry.DISABLED
+
+
+def test_error_row_names_the_wrong_variable():
+    class _Budget(_Fake):
+        def validate(self, environ):
+            raw = environ.get("SGLANG_GEMMA4_FAKE_BUDGET")
+            if raw is not None:
+                raise registry.SettingError("SGLANG_GEMMA4_FAKE_BUDGET", raw, f"bad budget {raw!r}")
+
+    st = registry.evaluate(_Budget(), {"SGLANG_GEMMA4_FAKE_BUDGET": "-5"})
+    assert (st.state, st.knob, st.value) == (registry.ERROR, "SGLANG_GEMMA4_FAKE_BUDGET", "-5")
+    # a bad on/off knob (KnobError) names the knob and its raw value
+    st = registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": "yes"})
+    assert (st.state, st.knob, st.value) == (registry.ERROR, "SGLANG_GEMMA4_FAKE", "yes")
+
+
+def test_shipped_budget_error_names_the_budget_variable():
+    from sglang_gemma4.patches import batched_encoder as be
+
+    env = {be.BUDGET_ENV: "-5"}
+    st = registry.evaluate(be.PATCH, env)
+    assert (st.state, st.knob, st.value) == (registry.ERROR, be.BUDGET_ENV, "-5")
+    assert be.BUDGET_ENV in st.reason and "'-5'" in st.reason
+    assert registry.evaluate(be.PATCH, {be.BUDGET_ENV: " 8 "}).state == registry.ACTIVE
+
+
+def test_surrounding_spaces_in_knob_values_are_stripped():
+    # README promises this
+    assert registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": " off "}).state == registry.DISABLED
+    assert registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": "\tON\n"}).state == registry.ACTIVE
+    st = registry.evaluate(_Fake(), {"SGLANG_GEMMA4_FAKE": "   "})
+    assert st.state == registry.ACTIVE and st.value == "1 (default)"

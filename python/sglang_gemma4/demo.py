@@ -42,26 +42,34 @@ def _has_cuda() -> bool:
 
 
 def _selftest() -> int:
+    """Exit code 1 when any kernel fails (or the self-test cannot run at all)."""
     if "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         from sglang_gemma4.kernels.selftest import run_selftest
     except ImportError as e:
-        print(f"kernel self-test unavailable: {e}")
-        return 0
+        print(f"kernel self-test unavailable: {e}", file=sys.stderr)
+        return 1
     rows = run_selftest()
     from sglang_gemma4.cli import _table
 
     print(_table([[n, "ok" if ok else "FAIL", f"{err:.3g}"] for n, ok, err in rows], ["kernel", "result", "max |err|"]))
+    failed = [n for n, ok, _ in rows if not ok]
+    if failed or not rows:
+        print(f"kernel self-test FAILED: {len(failed)} of {len(rows)} kernels", file=sys.stderr)
+        return 1
     return 0
 
 
-def _print_matrix() -> None:
-    from sglang_gemma4.cli import _table, patch_matrix, versions
+def _print_matrix() -> dict:
+    from sglang_gemma4.cli import _selection_line, _table, patch_matrix, plugin_selection, versions
 
     print("  ".join(f"{k}={v}" for k, v in versions().items()))
-    rows = [[s.name, f"{s.knob}={s.value}", s.state, s.reason] for s in patch_matrix()]
+    sel = plugin_selection()
+    print(_selection_line(sel))
+    rows = [[s.name, f"{s.knob}={s.value}", s.state, s.reason] for s in patch_matrix(sel)]
     print(_table(rows, ["patch", "knob", "state", "reason"]))
+    return sel
 
 
 def cmd_demo(args) -> int:
@@ -104,10 +112,17 @@ def cmd_demo(args) -> int:
     if r.get("accept_length") is not None:
         line += f", accept length {r['accept_length']:.2f}"
     print(line)
+    failures = []
     if r["checks_fired"]:
         print(f"SGLang checks fired: {r['checks_fired'][:3]}")
+        failures.append(f"{len(r['checks_fired'])} SGLang check message(s)")
     plugin = r.get("plugin")
     active: List[str] = [s["name"] for s in plugin if s["state"] == "active"] if isinstance(plugin, list) else []
     print(f"plugin in engine: {'loaded, active: ' + ', '.join(active) if isinstance(plugin, list) else plugin}")
-    _print_matrix()
+    sel = _print_matrix()
+    if sel["loaded"] and not isinstance(plugin, list):
+        failures.append(f"plugin not loaded in the engine ({plugin})")
+    if failures:
+        print(f"demo FAILED: {'; '.join(failures)}", file=sys.stderr)
+        return 1
     return 0

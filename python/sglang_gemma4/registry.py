@@ -26,6 +26,20 @@ DISABLED = "disabled"  # knob off (or unset for tri-state knobs)
 UPSTREAM = "upstream"  # installed SGLang already does it; we stand down
 UNAVAILABLE = "unavailable"  # target missing / SGLang version unsupported
 ERROR = "error"  # knob value invalid: start-up is stopped
+EXCLUDED = "excluded"  # SGLang would not load the plugin at all (status only)
+
+
+class SettingError(ValueError):
+    """A patch's extra setting (beyond its on/off knob) holds a bad value.
+
+    Same ``name``/``value`` attributes as :class:`~sglang_gemma4.knobs.KnobError`,
+    so an ``error`` status shows the variable that is wrong, not the patch's knob.
+    """
+
+    def __init__(self, name: str, value: Optional[str], message: str):
+        self.name = name
+        self.value = value
+        super().__init__(message)
 
 
 @dataclasses.dataclass
@@ -71,8 +85,9 @@ class Patch:
     def validate(self, environ: Mapping[str, str]) -> None:
         """Check the patch's extra settings (beyond its on/off knob).
 
-        Raise ``ValueError`` naming the variable, the value and what is allowed;
-        the patch then reports ``error`` and start-up is refused, like a bad knob.
+        Raise :class:`SettingError` (or a ``ValueError`` naming the variable, the
+        value and what is allowed); the patch then reports ``error`` and start-up
+        is refused, like a bad knob.
         """
 
     def register(self, value: Optional[bool]) -> None:  # pragma: no cover - abstract
@@ -178,7 +193,12 @@ def evaluate(
         if value is not None and (value or patch.default is None):
             patch.validate(env)
     except ValueError as e:  # KnobError included
-        return st(ERROR, str(e))
+        bad = st(ERROR, str(e))
+        var = getattr(e, "name", None)
+        if isinstance(var, str) and var:  # KnobError / SettingError say which variable
+            raw = getattr(e, "value", None)
+            bad.knob, bad.value = var, "unset" if raw is None else str(raw)
+        return bad
     if version not in SUPPORTED_SGLANG_VERSIONS:
         return st(
             UNAVAILABLE,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -55,7 +56,12 @@ def _cases(device: str):
     ws = [rnd(H) for _ in range(4)]
 
     def routing():
-        (wk, ik), (wr, ir) = gemma4_routing(logits, scale, K), gemma4_routing_ref(logits, scale, K)
+        with warnings.catch_warnings():
+            # T=5 < the 16-row tile: the padding rows (masked, never stored) decode
+            # to NaN and the interpreter's numpy max warns about them; real rows are checked below
+            warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+            wk, ik = gemma4_routing(logits, scale, K)
+        wr, ir = gemma4_routing_ref(logits, scale, K)
         if not torch.equal(ik, ir):
             return float("inf")
         return (wk - wr).abs().max().item()

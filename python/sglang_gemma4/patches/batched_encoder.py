@@ -42,7 +42,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, SettingError
 
 logger = logging.getLogger("sglang_gemma4")
 _ANNOUNCED = set()  # log the first batched call once per process: engine tests look for it
@@ -337,7 +337,12 @@ class BatchedEncoder(Patch):
         return None
 
     def validate(self, environ: Mapping[str, str]) -> None:
-        budget_mb(environ)  # strict: a bad budget refuses start-up, like a bad knob
+        # strict: a bad budget refuses start-up, like a bad knob; SettingError
+        # makes status show the budget variable, not this patch's on/off knob
+        try:
+            budget_mb(environ)
+        except ValueError as e:
+            raise SettingError(BUDGET_ENV, environ.get(BUDGET_ENV), str(e)) from None
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType
