@@ -64,6 +64,32 @@ def test_self_consistent_and_matches_unfused_model():
     torch.testing.assert_close(post.float(), post_model.float(), rtol=1.6e-2, atol=1.6e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eps_and_zero_rows(dtype):
+    """The caller's eps reaches both norms, and rmsnorm(0) = 0 (finite for eps > 0) in each.
+
+    Row 0: attn_out = residual = 0, so post = 0 and the shared norm sees a zero row too;
+    row 1: attn_out = 0 (post = residual); row 2: residual = 0. Small values (rms ~ 0.3)
+    let eps = 0.1 / 0.5 move every output well past the tolerance.
+    """
+    T, H = 4, 16
+    a, r, w_post, w_ff, w_ff2, router = _inputs(T, H, dtype, seed=21)
+    a, r = (a.float() * 0.1).to(dtype), (r.float() * 0.06).to(dtype)
+    a[0], r[0], a[1], r[2] = 0, 0, 0, 0
+    args = (a, r, w_post, w_ff, w_ff2, router)
+    for eps in (1e-1, 0.5):
+        outs = _check(args, eps)
+        assert all(torch.isfinite(o).all() for o in outs)
+        assert all(torch.equal(o[0].cpu(), torch.zeros(H, dtype=dtype)) for o in outs)
+        # the eps really matters here: the same inputs with the default eps give other rows
+        other = gemma_post_attn_triple_rmsnorm_ref(*args, 1e-6)
+        for o, q in zip(outs, other):
+            assert (o[1:].float() - q[1:].float()).abs().max() > 0.05
+    # eps = 1e-6 with the zero rows: still finite, still exactly zero
+    outs = _check(args)
+    assert all(torch.equal(o[0].cpu(), torch.zeros(H, dtype=dtype)) for o in outs)
+
+
 def test_mixed_residual_dtype_and_strides():
     a, r, *ws = _inputs(3, 48, torch.bfloat16, seed=5, res_dtype=torch.float32)
     wide_a = torch.zeros(3, 64, dtype=a.dtype, device=DEVICE)

@@ -21,7 +21,7 @@ else:
 import pytest  # noqa: E402
 
 from sglang_gemma4 import registry  # noqa: E402
-from sglang_gemma4.patches import fused_ple  # noqa: E402
+from sglang_gemma4.patches import _layer_forward, fused_ple, fused_triple_norm  # noqa: E402
 from sglang_gemma4.testing import configs  # noqa: E402
 from sglang_gemma4.testing.hooks import patch_applied  # noqa: E402
 
@@ -171,12 +171,13 @@ def test_status_active_on_0517_and_knob_off(clean_env):
 
 
 def test_forward_fingerprint_matches_installed_sglang():
-    fused_ple.check_forward_unchanged()
+    _layer_forward.check_forward_unchanged()
 
 
-def test_changed_forward_makes_patch_unavailable(monkeypatch):
-    monkeypatch.setattr(fused_ple, "FORWARD_SHA256", "0" * 64)
-    st = registry.apply(fused_ple.PATCH, registry.evaluate(fused_ple.PATCH, {}), {})
+@pytest.mark.parametrize("patch", [fused_ple.PATCH, fused_triple_norm.PATCH], ids=lambda p: p.name)
+def test_changed_forward_makes_patch_unavailable(monkeypatch, patch):
+    monkeypatch.setattr(_layer_forward, "FORWARD_SHA256", "0" * 64)
+    st = registry.apply(patch, registry.evaluate(patch, {}), {})
     assert st.state == registry.UNAVAILABLE and "Gemma4DecoderLayer.forward" in st.reason
 
 
@@ -247,46 +248,48 @@ def test_announce_once_is_traceable_by_fullgraph_dynamo(monkeypatch):
     logger call traced there (first fused call inside capture) is a hard error."""
     import types
 
-    monkeypatch.setattr(fused_ple, "_ANNOUNCED", set())
+    monkeypatch.setattr(_layer_forward, "_ANNOUNCED", set())
     layer = types.SimpleNamespace(layer_id=3)
 
     def f(x):
-        fused_ple.announce_once("compile probe", layer, x)
+        _layer_forward.announce_once("compile probe", layer, x)
         return x + 1
 
     x = torch.ones(2, 2)
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(x), x + 1)
-    assert "compile probe" not in fused_ple._ANNOUNCED  # announced later, by an eager call
-    fused_ple.announce_once("compile probe", layer, x)
-    assert "compile probe" in fused_ple._ANNOUNCED
+    assert "compile probe" not in _layer_forward._ANNOUNCED  # announced later, by an eager call
+    _layer_forward.announce_once("compile probe", layer, x)
+    assert "compile probe" in _layer_forward._ANNOUNCED
 
 
-@pytest.mark.parametrize("module, hook, eligible", [
-    ("fused_ple", "fused_ple_forward", "layer_eligible"),
-    ("fused_triple_norm", "fused_triple_norm_forward", "layer_eligible"),
-    ("fused_routing", "fused_routing", "_eligible"),
-])
-def test_hooks_hand_back_to_sglang_under_torch_compile(module, hook, eligible, monkeypatch):
+@pytest.mark.parametrize("fusions", [("fused_ple",), ("fused_triple_norm",), ("fused_ple", "fused_triple_norm"),
+                                     "fused_routing"])
+def test_hooks_hand_back_to_sglang_under_torch_compile(fusions, monkeypatch):
     """Inside a torch.compile trace (tc_piecewise) every fused hook runs SGLang's own code,
     even for an eligible layer, and adds no size guard: one graph for all row counts."""
-    import importlib
+    import dataclasses
 
     from torch._dynamo.testing import CompileCounter
 
-    mod = importlib.import_module(f"sglang_gemma4.patches.{module}")
-    monkeypatch.setattr(mod, eligible, lambda *a, **k: True)
+    from sglang_gemma4.patches import fused_routing
 
     def original(*args, **kwargs):  # x * 3: no fused path computes that
         return args[2 if len(args) > 3 else 0] * 3  # layer forward: hidden_states; routing: logits
 
-    if module == "fused_routing":
+    if fusions == "fused_routing":
+        monkeypatch.setattr(fused_routing, "_eligible", lambda *a, **k: True)
+
         def f(x):
-            return mod.fused_routing(original, x, torch.ones(x.shape[1]), 2)
+            return fused_routing.fused_routing(original, x, torch.ones(x.shape[1]), 2)
     else:
+        hook = _layer_forward.LayerForward()
+        for name in fusions:  # every fusion eligible for every layer
+            mod = {"fused_ple": fused_ple, "fused_triple_norm": fused_triple_norm}[name]
+            hook.add(dataclasses.replace(mod.FUSION, eligible=lambda *a, **k: True))
         layer = torch.nn.Identity()  # never touched: the hook must hand back before reading it
 
         def f(x):
-            return getattr(mod, hook)(original, layer, torch.zeros(x.shape[0]), x, None, None)
+            return hook(original, layer, torch.zeros(x.shape[0]), x, None, None)
 
     counter = CompileCounter()
     compiled = torch.compile(f, backend=counter, fullgraph=True)

@@ -72,6 +72,11 @@ def test_hooked_name_runs_our_kernel(clean_env, ours, dtype):
     ref_w, ref_ids = reference(logits, scale, 8)
     assert torch.equal(ids.long().cpu(), ref_ids.cpu())
     torch.testing.assert_close(w.double().cpu(), ref_w.cpu(), rtol=1e-5, atol=1e-6)
+    # and what SGLang's own kernel (the unhooked name) returns; on CPU it runs in the
+    # interpreter, one program per token: a few rows keep that quick
+    ws, ids_s = original(logits[:5], scale, 8)
+    assert torch.equal(ids[:5].cpu(), ids_s.cpu())
+    torch.testing.assert_close(w[:5].cpu(), ws.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_ineligible_input_goes_to_sglangs_kernel(clean_env, ours):

@@ -105,6 +105,28 @@ def test_ineligible_run_the_original(tp1, monkeypatch, kernel_calls):
 
 
 @needs_kernels
+@pytest.mark.parametrize("norm", ["router.norm", "post_attention_layernorm", "pre_feedforward_layernorm"])
+def test_any_norm_with_another_eps_runs_the_original(tp1, monkeypatch, allow_cpu, kernel_calls, norm):
+    """The kernel takes one eps for all four norms: a layer whose norms disagree (the router
+    norm included, whose eps is ``.eps`` not ``.variance_epsilon``) is not fused."""
+    layer = build_layer(monkeypatch, moe=True, ple=False)
+    x = hidden(torch.float32)
+    ref = run(layer, x)
+    owner, attr = layer, norm
+    if "." in norm:
+        owner, attr = layer.router, "norm"
+    mod = getattr(owner, attr)
+    field = "eps" if norm == "router.norm" else "variance_epsilon"
+    setattr(mod, field, 1e-1)
+    eps_ref = run(layer, x)  # SGLang's forward with that eps
+    with patch_applied(fused_triple_norm.PATCH, {}):
+        out = run(layer, x)
+    assert kernel_calls == []
+    assert torch.equal(out, eps_ref)
+    assert not torch.equal(eps_ref, ref)  # the eps really changes the math
+
+
+@needs_kernels
 def test_dense_layers_are_left_to_original(tp1, monkeypatch, allow_cpu, kernel_calls):
     layer = build_layer(monkeypatch, moe=False, ple=True)
     x, ple = hidden(torch.float32), ple_slice(torch.float32)

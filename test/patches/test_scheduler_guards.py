@@ -150,6 +150,35 @@ def test_merge_overlap_mode_rebuilds_future_indices_like_unpatched(model_config,
         assert torch.equal(getattr(a, f), getattr(ref_a, f)), f
 
 
+@pytest.mark.parametrize("stale_side", ["self", "other"])
+def test_merge_overlap_mode_clears_dsa_topk_availability(model_config, stale_side):
+    """The stale side's DSA top-k seeds are unknown: the merged draft input must not claim
+    them (SGLang ANDs the two sides' flags; the stale side counts as False)."""
+    stale_idx, live_idx = [3, 4], [8, 9]
+    order = (stale_idx, live_idx) if stale_side == "self" else (live_idx, stale_idx)
+
+    def side(idx, stale):
+        if stale:
+            return _batch(model_config, idx, _verify(2))
+        d = _draft(idx, overlap=True)
+        d.future_dsa_topk_indices_available = True
+        return _batch(model_config, idx, d)
+
+    # reference: SGLang's own merge of two draft inputs, one of them without DSA seeds
+    ref_a, ref_b = side(order[0], False), side(order[1], False)
+    (ref_a if order[0] is stale_idx else ref_b).spec_info.future_dsa_topk_indices_available = False
+    ref_a.merge_batch(ref_b)
+    assert ref_a.spec_info.future_dsa_topk_indices_available is False
+    with patch_applied(PATCH):
+        a, b = side(order[0], order[0] is stale_idx), side(order[1], order[1] is stale_idx)
+        valid = b.spec_info if order[0] is stale_idx else a.spec_info
+        assert valid.future_dsa_topk_indices_available is True
+        a.merge_batch(b)
+    assert a.spec_info is valid
+    assert a.spec_info.future_dsa_topk_indices_available is False
+    assert torch.equal(a.spec_info.future_indices, ref_a.spec_info.future_indices)
+
+
 def test_merge_sync_mode_live_stale_rows_drops_spec_info_and_warns_once(model_config, caplog):
     scheduler_guards._warned.clear()
     with patch_applied(PATCH), caplog.at_level("WARNING", logger="sglang_gemma4"):

@@ -14,78 +14,136 @@ into three Triton launches:
 Each kernel rounds once instead of after every op, so results differ from
 SGLang's sequence only by bf16 rounding.
 
-Hook: AROUND ``Gemma4DecoderLayer.forward``. The tail is inline in that
-forward, between calls to generic modules (``RMSNorm``, ``ReplicatedLinear``)
-that cannot tell a Gemma-4 PLE tail from any other call, so no narrower target
-exists. For eligible layers the hook runs the same sub-module sequence as
-SGLang 0.5.17 (input norm, attention with its o_proj all-reduce, post-attn
-norm, fused-add pre-ff norm, MLP with its down_proj all-reduce) and only the
-tail is fused; everything else calls the original forward. Because the hook
-re-states 0.5.17's forward, ``register`` refuses (patch "unavailable") when the
-installed forward's source is not the one this module was written against.
+Hook: the shared AROUND hook on ``Gemma4DecoderLayer.forward``
+(:mod:`sglang_gemma4.patches._layer_forward`: why no narrower target exists,
+how one hook serves several fusions). This patch fills its ``dense_tail``
+slot: for eligible layers the hook runs 0.5.17's sub-module sequence (input
+norm, attention with its o_proj all-reduce, post-attn norm, fused-add pre-ff
+norm, MLP with its down_proj all-reduce) and :func:`ple_tail`; other layers run
+the original forward. The hook re-states 0.5.17's forward, so the patch is
+"unavailable" when the installed forward's source is not that one.
 
-Scope: dense PLE layers (E2B/E4B). MoE layers are left to the
-``fused_triple_norm`` patch (no Gemma-4 checkpoint has both MoE and PLE), so
-the two AROUND hooks on the same target never both act on one layer.
+Scope: dense PLE layers (E2B/E4B). MoE layers are ``fused_triple_norm``'s (no
+Gemma-4 checkpoint has both MoE and PLE).
+
+The tensor gates at the bottom (:func:`rows_ok`, :func:`plain_rmsnorm`, the
+``_TEST_ALLOW_CPU`` switch) are shared with ``fused_triple_norm``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import logging
 from typing import Optional
 
+from sglang_gemma4.patches import _layer_forward
 from sglang_gemma4.registry import Patch
 
-logger = logging.getLogger("sglang_gemma4")
-
-TARGET = "sglang.srt.models.gemma4_causal.Gemma4DecoderLayer.forward"
+TARGET = _layer_forward.TARGET
 FIRED = "fused PLE tail running"
 
-# sha256 of inspect.getsource(Gemma4DecoderLayer.forward) in SGLang 0.5.17:
-# the code the fused forwards below re-state.
-FORWARD_SHA256 = "b7312490d394d9312aa8530e3e1c20552027d1eeac6b7a9d549ef995aef35965"
-
-# Tests flip this to run the fused path on CPU tensors under TRITON_INTERPRET=1.
-# Production needs CUDA: the kernels are Triton and the seed gates on it.
+# Tests flip this to run the fused paths (this patch's and fused_triple_norm's) on CPU
+# tensors under TRITON_INTERPRET=1. Production needs CUDA: the kernels are Triton and
+# the seed gates on it.
 _TEST_ALLOW_CPU = False
+
+
+class FusedPle(Patch):
+    name = "fused_ple"
+    summary = "Gemma-4 E2B/E4B PLE layer tail in 3 fused Triton launches instead of 7"
+    knob = "SGLANG_GEMMA4_FUSED_PLE"
+    default = True
+    seed = "Fused PLE-tail kernels (gemma_rmsnorm_add, gemma_gelu_tanh_mul)"
+    targets = (TARGET,)
+
+    def upstream(self) -> Optional[str]:
+        from sglang.kernels.ops.layernorm import gemma4_fused_ops
+
+        # SGLang's own port would add these kernels next to the ones it has.
+        for fn in ("gemma_rmsnorm_add", "gemma_gelu_tanh_mul"):
+            if hasattr(gemma4_fused_ops, fn):
+                return f"SGLang ships gemma4_fused_ops.{fn}: PLE tail already fused"
+        return None
+
+    def unavailable(self) -> Optional[str]:
+        try:
+            _layer_forward.check_forward_unchanged()
+        except RuntimeError as e:
+            return str(e)
+        return None
+
+    def register(self, value: Optional[bool]) -> None:
+        _layer_forward.enable(self, FUSION)
+
+
+PATCH = FusedPle()
+
+
+# ----------------------------------------------------------------- the fusion
+
+
+def layer_eligible(layer, hidden_states, per_layer_input) -> bool:
+    if not layer.has_ple or layer.enable_moe_block or per_layer_input is None:
+        return False
+    if not rows_ok(hidden_states, per_layer_input) or not hidden_states.is_contiguous():
+        return False
+    if per_layer_input.shape[1] != layer.hidden_size_per_layer_input:
+        return False
+    h = layer.hidden_size
+    return (
+        hidden_states.shape[1] == h
+        and plain_rmsnorm(layer.post_feedforward_layernorm, h)
+        and _ple_norm_ok(layer.post_per_layer_input_norm, h)
+        and layer.layer_scalar.numel() == 1
+    )
+
+
+def ple_tail(layer, hidden_states, residual, per_layer_input):
+    """The PLE tail of 0.5.17's forward (slot ``dense_tail``) with three fused launches.
+
+    Intermediates (MLP/GEMM outputs) are checked as they appear: attention has
+    already written the KV cache, so an odd tensor here runs the unfused tail,
+    never the original forward.
+    """
+    import torch
+
+    from sglang_gemma4.kernels.ple_tail import (
+        gemma_gelu_tanh_mul,
+        gemma_rmsnorm_add,
+        gemma_rmsnorm_residual_scalar,
+    )
+
+    norm = layer.post_feedforward_layernorm
+    if rows_ok(hidden_states, residual) and hidden_states.shape == residual.shape:
+        hidden_states = gemma_rmsnorm_add(
+            hidden_states, norm.weight, residual, norm.variance_epsilon
+        )
+    else:
+        hidden_states = norm(hidden_states) + residual
+    gate, _ = layer.per_layer_input_gate(hidden_states)
+    if rows_ok(gate, per_layer_input) and gate.shape == per_layer_input.shape:
+        gated = gemma_gelu_tanh_mul(gate, per_layer_input)
+    else:
+        gated = torch.nn.functional.gelu(gate, approximate="tanh") * per_layer_input
+    contribution, _ = layer.per_layer_projection(gated)
+    ple_norm = layer.post_per_layer_input_norm
+    if rows_ok(contribution, hidden_states) and contribution.shape == hidden_states.shape:
+        return gemma_rmsnorm_residual_scalar(
+            contribution, ple_norm.weight, hidden_states, layer.layer_scalar, ple_norm.eps
+        )
+    return (hidden_states + ple_norm(contribution)) * layer.layer_scalar
+
+
+FUSION = _layer_forward.Fusion(
+    name=FusedPle.name, slot="dense_tail", eligible=layer_eligible, run=ple_tail, fired=FIRED
+)
+
+
+# ----------------------------------------------------------------- tensor gates (shared)
 
 
 def _dtypes():
     import torch
 
     return (torch.bfloat16, torch.float16, torch.float32)
-
-
-def forward_fingerprint() -> str:
-    from sglang.srt.models.gemma4_causal import Gemma4DecoderLayer
-
-    src = inspect.getsource(inspect.unwrap(Gemma4DecoderLayer.forward))
-    return hashlib.sha256(src.encode()).hexdigest()
-
-
-def check_forward_unchanged() -> None:
-    got = forward_fingerprint()
-    if got != FORWARD_SHA256:
-        raise RuntimeError(
-            "Gemma4DecoderLayer.forward is not SGLang 0.5.17's (source sha256 "
-            f"{got[:12]}... != {FORWARD_SHA256[:12]}...); the fused forward re-states it"
-        )
-
-
-_ANNOUNCED = set()
-
-
-def announce_once(what: str, layer, hidden_states) -> None:
-    """One log line per process the first time a fused path runs (tests grep it)."""
-    import torch
-
-    # tc_piecewise prefill traces this with fullgraph=True: a logger call there is a hard error
-    if what not in _ANNOUNCED and not torch.compiler.is_compiling():
-        _ANNOUNCED.add(what)
-        logger.info("%s (first call: layer %d, %d tokens, %s)", what, layer.layer_id,
-                    hidden_states.shape[0], hidden_states.dtype)
 
 
 def on_device(t) -> bool:
@@ -132,113 +190,3 @@ def _ple_norm_ok(norm, hidden: int) -> bool:
         and norm.scale_shift == 0.0
         and tuple(norm.weight.shape) == (hidden,)
     )
-
-
-def under_compile() -> bool:
-    """Inside torch.compile (tc_piecewise prefill graphs) the fused hooks run SGLang's own
-    forward: Inductor fuses these norms itself, and our launchers pick tiles from T in
-    Python, which would pin every captured size to its own graph."""
-    import torch
-
-    return torch.compiler.is_compiling()
-
-
-def layer_eligible(layer, hidden_states, per_layer_input) -> bool:
-    if not layer.has_ple or layer.enable_moe_block or per_layer_input is None:
-        return False
-    if not rows_ok(hidden_states, per_layer_input) or not hidden_states.is_contiguous():
-        return False
-    if per_layer_input.shape[1] != layer.hidden_size_per_layer_input:
-        return False
-    h = layer.hidden_size
-    return (
-        hidden_states.shape[1] == h
-        and plain_rmsnorm(layer.post_feedforward_layernorm, h)
-        and _ple_norm_ok(layer.post_per_layer_input_norm, h)
-        and layer.layer_scalar.numel() == 1
-    )
-
-
-def ple_tail(layer, hidden_states, residual, per_layer_input):
-    """The PLE tail of 0.5.17's forward with three fused launches.
-
-    Intermediates (MLP/GEMM outputs) are checked as they appear: attention has
-    already written the KV cache, so an odd tensor here runs the unfused tail,
-    never the original forward.
-    """
-    import torch
-
-    from sglang_gemma4.kernels.ple_tail import (
-        gemma_gelu_tanh_mul,
-        gemma_rmsnorm_add,
-        gemma_rmsnorm_residual_scalar,
-    )
-
-    norm = layer.post_feedforward_layernorm
-    if rows_ok(hidden_states, residual) and hidden_states.shape == residual.shape:
-        hidden_states = gemma_rmsnorm_add(
-            hidden_states, norm.weight, residual, norm.variance_epsilon
-        )
-    else:
-        hidden_states = norm(hidden_states) + residual
-    gate, _ = layer.per_layer_input_gate(hidden_states)
-    if rows_ok(gate, per_layer_input) and gate.shape == per_layer_input.shape:
-        gated = gemma_gelu_tanh_mul(gate, per_layer_input)
-    else:
-        gated = torch.nn.functional.gelu(gate, approximate="tanh") * per_layer_input
-    contribution, _ = layer.per_layer_projection(gated)
-    ple_norm = layer.post_per_layer_input_norm
-    if rows_ok(contribution, hidden_states) and contribution.shape == hidden_states.shape:
-        return gemma_rmsnorm_residual_scalar(
-            contribution, ple_norm.weight, hidden_states, layer.layer_scalar, ple_norm.eps
-        )
-    return (hidden_states + ple_norm(contribution)) * layer.layer_scalar
-
-
-def fused_ple_forward(original, layer, positions, hidden_states, per_layer_input, forward_batch, **kwargs):
-    """AROUND hook: 0.5.17's dense-layer forward with the fused PLE tail."""
-    if under_compile() or not layer_eligible(layer, hidden_states, per_layer_input):
-        return original(layer, positions, hidden_states, per_layer_input, forward_batch, **kwargs)
-    announce_once(FIRED, layer, hidden_states)
-    residual = hidden_states
-    hidden_states = layer.input_layernorm(hidden_states)
-    hidden_states = layer.self_attn(
-        positions=positions, hidden_states=hidden_states, forward_batch=forward_batch
-    )
-    hidden_states = layer.post_attention_layernorm(hidden_states)
-    hidden_states, residual = layer.pre_feedforward_layernorm(hidden_states, residual)
-    hidden_states = layer.mlp(hidden_states)
-    return ple_tail(layer, hidden_states, residual, per_layer_input), None
-
-
-class FusedPle(Patch):
-    name = "fused_ple"
-    summary = "Gemma-4 E2B/E4B PLE layer tail in 3 fused Triton launches instead of 7"
-    knob = "SGLANG_GEMMA4_FUSED_PLE"
-    default = True
-    seed = "Fused PLE-tail kernels (gemma_rmsnorm_add, gemma_gelu_tanh_mul)"
-    targets = (TARGET,)
-
-    def upstream(self) -> Optional[str]:
-        from sglang.kernels.ops.layernorm import gemma4_fused_ops
-
-        # SGLang's own port would add these kernels next to the ones it has.
-        for fn in ("gemma_rmsnorm_add", "gemma_gelu_tanh_mul"):
-            if hasattr(gemma4_fused_ops, fn):
-                return f"SGLang ships gemma4_fused_ops.{fn}: PLE tail already fused"
-        return None
-
-    def unavailable(self) -> Optional[str]:
-        try:
-            check_forward_unchanged()
-        except RuntimeError as e:
-            return str(e)
-        return None
-
-    def register(self, value: Optional[bool]) -> None:
-        from sglang.srt.plugins.hook_registry import HookType
-
-        self.hook(TARGET, fused_ple_forward, HookType.AROUND)
-
-
-PATCH = FusedPle()
