@@ -72,6 +72,9 @@ SPEC_ARGS = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
              "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
 
 
+BENCH_LOCK = [None]
+
+
 class _Deadline(Exception):
     pass
 
@@ -109,6 +112,12 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
             "--output-file", str(f), "--disable-tqdm"]
     if conc:
         argv += ["--max-concurrency", str(conc)]
+    lock = None
+    if BENCH_LOCK[0]:  # several serve.py on one GPU: one load at a time, servers stay up
+        import fcntl
+
+        lock = open(BENCH_LOCK[0], "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     t0 = time.time()
     saved = sys.argv
     sys.argv = ["sglang.bench_serving", *argv]
@@ -125,6 +134,8 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
     th.start()
     th.join(timeout)
     sys.argv = saved
+    if lock is not None:
+        lock.close()
     if th.is_alive():
         raise TimeoutError(f"bench_serving on {s.name} still running after {timeout:.0f} s")
     if "error" in box:
@@ -323,6 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile", default="", help="ARM:WORKLOAD[,...]: one extra, untimed, traced pass each")
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--profile-delay-s", type=float, default=2.0)
+    ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
     a = ap.parse_args(argv)
     if a.report:
@@ -330,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not a.model:
         ap.error("--model is required")
+    BENCH_LOCK[0] = a.bench_lock
     t_start = time.time()
     table = FULL_WORKLOADS if a.full else WORKLOADS
     wls = [w for w in a.workloads.split(",") if w]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-26b
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -75,11 +75,21 @@ case "${1:-}" in
     $PY bench/serve.py --model e4b --arms on,off,spec --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-480}" \
       --workloads "${SERVE_WORKLOADS:-tpot_3000_100,yoco_7000_10,long_ttft_c1,chat_c1,ttft_c16,chat_c32,decode_100_500}" \
       --out "$OUT/serve-e4b" 2>&1 | tee "$OUT/serve-e4b.txt" ;;
+  serve-e2b-e4b) # issue #17/#20: E2B and E4B servers all up at once, one load at a time (bench lock)
+    lock="$OUT/bench.lock"
+    $PY bench/serve.py --model e2b --arms on,off --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-500}" --bench-lock "$lock" \
+      --max-total-tokens 100000 --mem-fraction-static 0.88 --workloads yoco_7000_10,tpot_3000_100,ttft_c16 \
+      --out "$OUT/serve-e2b" > "$OUT/serve-e2b.txt" 2>&1 &
+    $PY bench/serve.py --model e4b --arms on,off,SGLANG_GEMMA4_YOCO=0 --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-500}" \
+      --bench-lock "$lock" --max-total-tokens 100000 --mem-fraction-static 0.88 \
+      --workloads yoco_7000_10,ttft_c16,chat_c1,long_ttft_c1 \
+      --profile on:chat_c1,off:chat_c1,on:ttft_c16,off:ttft_c16 --out "$OUT/serve-e4b" > "$OUT/serve-e4b.txt" 2>&1
+    wait ;;
   serve-26b) # issue #17: full-depth 26B-A4B, equal static budgets (swa_ratio sizes pools as in production)
     $PY bench/serve.py --model 26b --arms "${SERVE_ARMS:-on,off}" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
       --deadline-s "${SERVE_DEADLINE_S:-480}" \
       --workloads "${SERVE_WORKLOADS:-tpot_3000_100,summ_8000_200,chat_c1,chat_c32,decode_100_500}" \
       --out "$OUT/serve-26b" 2>&1 | tee "$OUT/serve-26b.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-26b"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b"; exit 2 ;;
 esac

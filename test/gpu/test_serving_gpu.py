@@ -60,7 +60,10 @@ def _run_all(out: Path) -> dict:
     e4b, _ = fullsize.write_model("e4b", out / "models")
     vocab = checkpoints.spec("agree_target").text.vocab_size
     servers = {}
+    only = [a for a in os.environ.get("SERVING_ARMS", "").split(",") if a]
     for name, (model, args, env, checks, _) in _arms(target, draft, e4b).items():
+        if only and name not in only:
+            continue
         servers[name] = srv.make_server(name, model, out / "logs", args, env=env, checks=checks)
     res = {"date": time.strftime("%Y-%m-%d"), "n_requests": N_REQ, "concurrency": CONC, "context": CONTEXT,
            "arms": {}}
@@ -73,8 +76,8 @@ def _run_all(out: Path) -> dict:
             except Exception as e:
                 res["arms"][name] = {"start_error": str(e)[-2000:]}
         for name in ("fresh_prewarm_off", "fresh_prewarm_on"):
-            s = servers[name]
-            if name not in res["arms"]:
+            s = servers.get(name)
+            if s is not None and name not in res["arms"]:
                 try:
                     res["arms"][name] = {"ready_s": s.ready_s, "first_sampled_s": round(soak.first_sampled_latency(s), 2),
                                          "second_sampled_s": round(soak.first_sampled_latency(s), 2),
@@ -82,7 +85,8 @@ def _run_all(out: Path) -> dict:
                                                                    if "flashinfer sampling module ready" in ln), None)}
                 except Exception as e:
                     res["arms"][name] = {"error": str(e)[-1000:]}
-            s.stop()
+            if s is not None:
+                s.stop()
 
         def work(name):
             s = servers[name]
@@ -98,7 +102,7 @@ def _run_all(out: Path) -> dict:
             except Exception as e:
                 res["arms"][name] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}", "alive": s.alive()}
 
-        todo = [n for n, a in _arms(target, draft, e4b).items() if a[4] and n not in res["arms"]]
+        todo = [n for n, a in _arms(target, draft, e4b).items() if a[4] and n in servers and n not in res["arms"]]
         threads = [threading.Thread(target=work, args=(n,)) for n in todo]
         for t in threads:
             t.start()
@@ -122,17 +126,23 @@ def serving():
     return _run_all(out)
 
 
+def _arm(serving, arm):
+    if arm not in serving["arms"]:
+        pytest.skip(f"{arm} not run in this call (SERVING_ARMS)")
+    return serving["arms"][arm]
+
+
 SOAK_ARMS = ["plain", "plain_no_radix", "mtp_v2_unset", "mtp_v2_0", "mtp_v2_1", "plugin_off", "e4b_full_dummy"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arm", SOAK_ARMS)
 def test_soak_server_stays_up_and_answers_consistently(serving, arm):
-    r = serving["arms"].get(arm)
-    assert r is not None and "error" not in r and "start_error" not in r, r
+    r = _arm(serving, arm)
+    assert "error" not in r and "start_error" not in r, r
     assert r["alive"] and r["health_end"] == 200 and r["health_after_soak"] == 200
     assert r["requests"] >= 500 and r["kinds"].get("done", 0) >= 300, r["kinds"]
-    assert r["kinds"].get("hung_up", 0) >= 50, r["kinds"]
+    assert r["kinds"].get("hung_up", 0) >= 80, r["kinds"]  # ~25 % of 500
     assert not r["unexpected_http_errors"], r["unexpected_http_errors"][:5]
     assert not r["missing_400"], r["missing_400"][:5]
     assert not r["client_errors"], r["client_errors"][:5]
@@ -143,7 +153,7 @@ def test_soak_server_stays_up_and_answers_consistently(serving, arm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arm", [a for a in SOAK_ARMS if not a.startswith("e4b")])
 def test_greedy_under_load_equals_greedy_alone(serving, arm):
-    r = serving["arms"][arm]
+    r = _arm(serving, arm)
     assert r["greedy_compared"] >= 50, r["greedy_compared"]
     assert not r["greedy_mismatch"], r["greedy_mismatch"][:10]
 
@@ -151,7 +161,7 @@ def test_greedy_under_load_equals_greedy_alone(serving, arm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arm", SOAK_ARMS)
 def test_bad_input_gets_4xx_naming_the_field_and_server_serves_on(serving, arm):
-    r = serving["arms"][arm]
+    r = _arm(serving, arm)
     cases = {c["case"] for c in r["bad_input"]}
     from sglang_gemma4.testing.soak import ID_CASES
 
@@ -166,7 +176,7 @@ def test_bad_input_gets_4xx_naming_the_field_and_server_serves_on(serving, arm):
 
 @pytest.mark.gpu
 def test_first_sampled_request_waits_on_no_compiler(serving):
-    on, off = serving["arms"]["fresh_prewarm_on"], serving["arms"]["fresh_prewarm_off"]
+    on, off = _arm(serving, "fresh_prewarm_on"), _arm(serving, "fresh_prewarm_off")
     assert "error" not in on and "error" not in off, (on, off)
     # the module was built during start-up (before /health), on a cache nobody had filled
     assert on["log_prewarm_line"], on

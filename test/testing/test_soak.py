@@ -13,7 +13,7 @@ def test_mix_covers_what_the_issue_asks_and_stays_in_bounds():
     lens = [len(r.input_ids) for r in reqs]
     mnt = [r.sampling["max_new_tokens"] for r in reqs]
     assert min(lens) == 1 and any(L > CTX for L in lens)
-    assert all(L + m < CTX for r, L, m in zip(reqs, lens, mnt) if not r.expect_400)
+    assert all(L + m <= CTX - 8 for r, L, m in zip(reqs, lens, mnt) if not r.expect_400)
     assert all(r.expect_400 == (len(r.input_ids) > CTX) for r in reqs)
     assert {0, 1} <= set(mnt) and max(mnt) > 100
     keys = set().union(*(r.sampling for r in reqs))
@@ -22,7 +22,7 @@ def test_mix_covers_what_the_issue_asks_and_stays_in_bounds():
     streams = [r for r in reqs if r.stream]
     assert 0.5 < len(streams) / len(reqs) < 0.7
     hung = sum(r.hangup_after is not None for r in streams)
-    assert 0.15 < hung / len(streams) < 0.3
+    assert 0.2 < hung / len(reqs) < 0.3  # ~25 % of all requests hang up mid-stream
     assert any(r.abort_after_s for r in reqs) and sum(r.probe is not None for r in reqs) > 80
     assert all(0 <= t < V for r in reqs for t in r.input_ids)
     # deterministic: the recorded run can be re-created
@@ -58,8 +58,11 @@ def test_summary_counts_mismatch_and_missing_400():
         {"i": 2, "kind": "http_error", "status": 400, "expect_400": True, "latency_s": 0.0},
         {"i": 3, "kind": "done", "expect_400": True, "status": 200, "latency_s": 0.3, "bad_finish": "x"},
         {"i": 4, "kind": "http_error", "status": 500, "body": "boom", "latency_s": 0.0},
+        {"i": 5, "kind": "stream_error", "status": 200, "expect_400": True, "latency_s": 0.0,
+         "body": "{'message': \"The input (1100 tokens) is longer than the model's context length (1024 tokens).\"}"},
+        {"i": 6, "kind": "stream_error", "status": 200, "body": "other", "latency_s": 0.0},
     ]
     s = soak.summarise(recs, {0: [5, 6]})
     assert s["greedy_compared"] == 2 and s["greedy_mismatch"] == [1]
-    assert s["missing_400"] == [3] and s["unexpected_http_errors"] == [(4, 500, "boom")]
-    assert s["bad_finish"] == [(3, "x")] and s["kinds"] == {"done": 3, "http_error": 2}
+    assert s["missing_400"] == [3] and s["unexpected_http_errors"] == [(4, 500, "boom"), (6, 200, "other")]
+    assert s["bad_finish"] == [(3, "x")] and s["kinds"] == {"done": 3, "http_error": 2, "stream_error": 2}

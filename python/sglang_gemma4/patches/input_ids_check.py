@@ -63,7 +63,7 @@ def validate_before(self, obj, input_ids=None, *args, **kwargs):
 
 class InputIdsCheck(Patch):
     name = "input_ids_check"
-    summary = "requests with out-of-vocab, negative, non-integer or empty input_ids get HTTP 400 instead of a device-side assert that kills the server"
+    summary = "requests with out-of-vocab, negative, non-integer or empty input_ids get HTTP 400 (SGLang 0.5.17 passes them to the embedding kernel, whose assert takes the server down)"
     knob = "SGLANG_GEMMA4_INPUT_IDS_CHECK"
     default = True
     seed = "- (serving robustness run, issue #18; not in the seed)"

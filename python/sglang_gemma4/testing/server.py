@@ -31,9 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sglang_gemma4.testing.engine import CHECK_ENVS, CHECK_PATTERNS
+from sglang_gemma4.testing.engine import CHECK_ENVS, scan_checks
 
-_CHECK_RE = re.compile("|".join(CHECK_PATTERNS))
 # What SGLang 0.5.17 logs about its KV pools (hybrid SWA and plain).
 _POOL_RES = {
     "max_total_num_tokens": re.compile(r"max_total_num_tokens=(\d+)"),
@@ -109,7 +108,7 @@ class Server:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def checks_fired(self) -> List[str]:
-        return [ln.strip()[:300] for ln in self.log_text().splitlines() if _CHECK_RE.search(ln)]
+        return scan_checks(self.log_text())
 
     def pool_sizes(self) -> Dict[str, float]:
         text, out = self.log_text(), {}
