@@ -97,10 +97,28 @@ def arm_config(arm: str, draft: Path) -> tuple:
     raise ValueError(f"unknown arm {arm!r}: on, off, spec, spec-off or SGLANG_<KNOB>=<value>")
 
 
+def _stub_hf_datasets() -> None:
+    """sglang.benchmark imports HF ``datasets`` at module level for its MMMU/LongBench loaders; the
+    offline GPU bundle has no ``datasets``, and random-ids never calls it. A stub that refuses loudly."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        import types
+
+        mod = types.ModuleType("datasets")
+
+        def load_dataset(*a, **k):
+            raise ImportError("HF datasets is not installed (sglang-gemma4 bench stub); random-ids needs none")
+
+        mod.load_dataset = load_dataset
+        sys.modules["datasets"] = mod
+
+
 def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeout: float) -> Dict[str, Any]:
     """One ``sglang.bench_serving`` run, in this process (its import costs ~15 s; runs here cost none)."""
     import contextlib
 
+    _stub_hf_datasets()
     from sglang.benchmark import serving as bench_serving
 
     inp, outp, n, conc = wl
