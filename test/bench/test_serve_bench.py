@@ -102,3 +102,50 @@ def test_decode_profile_table_from_a_chrome_trace(tmp_path):
     assert names == ["_triple_rmsnorm_kernel", "gemma_rmsnorm_kernel"]
     assert t["other_kernels"][0]["launched_by"] == "sglang-gemma4 fused_triple_norm"
     assert "| other | 10.0 % |" in decode_profile.markdown("x", t)
+
+
+def test_whole_benchmark_against_fake_servers(serve, tmp_path, monkeypatch):
+    """main(): servers started and polled, SGLang's real bench_serving run in-process per arm and
+    repeat, results parsed, compared and reported; a slower arm is found slower."""
+    import sys
+
+    from sglang_gemma4.testing import server as srv
+
+    real = srv.make_server
+    fake = str(ROOT / "test" / "bench" / "fake_sglang_server.py")
+
+    def make(name, model_path, log_dir, args=(), env=None, checks="none", port=None):
+        s = real(name, model_path, log_dir, args, env=env, checks=checks, port=port)
+        tpot = "4" if env and env.get("SGLANG_PLUGINS") == "none" else "1"  # "off" arm is slower
+        s.cmd = [sys.executable, fake, "--model-path", str(model_path), "--port", str(s.port), "--tpot-ms", tpot]
+        return s
+
+    monkeypatch.setattr(srv, "make_server", make)
+    monkeypatch.setitem(serve.WORKLOADS, "tiny", (16, 12, 4, 2))
+    rc = serve.main(["--model", "e2b", "--arms", "on,off", "--workloads", "tiny", "--repeat", "2",
+                     "--out", str(tmp_path), "--bench-timeout", "120"])
+    res = json.loads((tmp_path / "serve-e2b.json").read_text())
+    assert rc == 0 and not res["errors"], res["errors"]
+    assert [len(res["runs"]["tiny"][a]) for a in ("on", "off")] == [2, 2]
+    assert all(r["completed"] == 4 for a in ("on", "off") for r in res["runs"]["tiny"][a])
+    tpot = res["compare"]["tiny"]["on/off"]["median_tpot_ms"]
+    assert tpot["ratio"] < 0.6, tpot
+    assert res["servers"]["on"]["pools"]["max_running_requests"] == 77
+    assert not res["servers"]["on"]["alive"]  # stopped at the end
+    assert "| tiny | on/off |" in (tmp_path / "serve-e2b.md").read_text()
+
+
+def test_bench_serving_imports_without_hf_datasets():
+    """The GPU bundle has no HF ``datasets``; sglang.benchmark imports it at module level."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util; sys.modules['datasets'] = None\n"  # import datasets -> ImportError
+            f"spec = importlib.util.spec_from_file_location('s', {str(ROOT / 'bench' / 'serve.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m._stub_hf_datasets()\n"
+            "from sglang.benchmark import serving\n"
+            "import datasets\n"
+            "try:\n    datasets.load_dataset('x')\nexcept ImportError as e:\n    print('refused:', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "refused: HF datasets is not installed" in p.stdout
