@@ -54,6 +54,10 @@ WORKLOADS: Dict[str, tuple] = {
     "yoco_7000_10": (7000, 10, 30, None),
     "long_ttft_c1": (7000, 4, 4, 1),
     "decode_100_500": (100, 500, 32, 32),
+    # FROZEN_KV_MTP batch sweep (issue #19): 1000/256 at concurrency 8 / 16 / 48
+    "chat_c8": (1000, 256, 16, 8),
+    "chat_c16": (1000, 256, 32, 16),
+    "chat_c48": (1000, 256, 96, 48),
 }
 # The seed's full sizes, for --full (too long for one 10-minute device call per model).
 FULL_WORKLOADS: Dict[str, tuple] = {
@@ -68,8 +72,6 @@ METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "me
            "output_throughput", "total_throughput", "duration", "accept_length", "completed")
 LOWER_IS_BETTER = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
                    "p99_itl_ms", "duration")
-SPEC_ARGS = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
-             "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
 
 
 BENCH_LOCK = [None]
@@ -80,21 +82,39 @@ class _Deadline(Exception):
 
 
 def arm_config(arm: str, draft: Path) -> tuple:
-    """(env, extra server args) of an arm name."""
-    if arm == "on":
-        return {}, []
-    if arm == "off":
-        return {"SGLANG_PLUGINS": "none"}, []
-    if arm == "spec":
-        return {}, SPEC_ARGS + ["--speculative-draft-model-path", str(draft)]
-    if arm == "spec-off":
-        return {"SGLANG_PLUGINS": "none"}, SPEC_ARGS + ["--speculative-draft-model-path", str(draft)]
-    if "=" in arm:
-        k, v = arm.split("=", 1)
-        if not k.startswith("SGLANG_"):
-            raise ValueError(f"arm {arm!r}: a knob arm is SGLANG_<NAME>=<value>")
-        return {k: v}, []
-    raise ValueError(f"unknown arm {arm!r}: on, off, spec, spec-off or SGLANG_<KNOB>=<value>")
+    """(env, extra server args) of an arm name.
+
+    ``on`` | ``off`` | ``spec`` | ``spec-off`` | ``SGLANG_<KNOB>=<v>`` (plugin on, one knob), and any of
+    them followed by ``+SGLANG_<KNOB>=<v>`` env items and, for spec arms, ``+steps=N`` (draft steps,
+    N+1 draft tokens), e.g. ``spec+SGLANG_FROZEN_KV_MTP_V2=0+steps=2``.
+    """
+    base, *items = arm.split("+")
+    env: Dict[str, str] = {}
+    args: List[str] = []
+    if base == "off" or base == "spec-off":
+        env["SGLANG_PLUGINS"] = "none"
+    elif base.startswith("SGLANG_") and "=" in base:
+        items.insert(0, base)
+    elif base not in ("on", "spec"):
+        raise ValueError(f"unknown arm {arm!r}: on, off, spec, spec-off or SGLANG_<KNOB>=<value>, then +KNOB=V / +steps=N")
+    steps = 3
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise ValueError(f"arm {arm!r}: {it!r} is not KEY=VALUE")
+        if k == "steps":
+            if not base.startswith("spec") or not v.isdigit() or not 1 <= int(v) <= 8:
+                raise ValueError(f"arm {arm!r}: steps=N (1..8) needs a spec arm")
+            steps = int(v)
+        elif k.startswith("SGLANG_"):
+            env[k] = v
+        else:
+            raise ValueError(f"arm {arm!r}: {k!r} is neither an SGLANG_ knob nor steps")
+    if base.startswith("spec"):
+        args = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(steps),
+                "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(steps + 1),
+                "--speculative-draft-model-path", str(draft)]
+    return env, args
 
 
 def _stub_hf_datasets() -> None:
@@ -233,8 +253,9 @@ def spec_breakeven(result: Dict[str, Any]) -> Dict[str, Any]:
     """spec step / plain step = TPOT_spec * accept_length / TPOT_plain (the break-even accept length)."""
     out: Dict[str, Any] = {}
     for wl, arms in result["summary"].items():
-        for spec_arm, plain_arm in (("spec", "on"), ("spec-off", "off")):
-            if spec_arm in arms and plain_arm in arms and "median_tpot_ms" in arms[spec_arm]:
+        for spec_arm in [a for a in arms if a.startswith("spec")]:
+            plain_arm = "off" if spec_arm.startswith("spec-off") else "on"
+            if plain_arm in arms and "median_tpot_ms" in arms[spec_arm]:
                 acc = arms[spec_arm].get("accept_length", {}).get("median") or 1.0
                 step = arms[spec_arm]["median_tpot_ms"]["median"] * acc
                 plain = arms[plain_arm]["median_tpot_ms"]["median"]
@@ -368,6 +389,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         ap.error(f"unknown workloads {bad}; known: {', '.join(table)}")
     arms = [x for x in a.arms.split(",") if x]
+    for item in [x for x in a.profile.split(",") if x]:  # fail before any server starts
+        parm, _, pw = item.rpartition(":")
+        if parm not in arms or pw not in table:
+            ap.error(f"--profile {item!r}: want ARM:WORKLOAD with ARM in {arms} and WORKLOAD in {list(table)}")
     a.out.mkdir(parents=True, exist_ok=True)
     target, draft = fullsize.write_model(a.model, a.out / "models")
     base_args = ["--load-format", "dummy", "--attention-backend", "triton", "--context-length", str(a.context_length),
@@ -422,7 +447,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print(result["errors"][-1], flush=True)
                 save()
         for item in [x for x in a.profile.split(",") if x]:
-            arm, w = item.split(":")
+            arm, _, w = item.rpartition(":")
             if time.time() - t_start > a.deadline_s:
                 result["errors"].append(f"deadline: profile {item} not run")
                 break

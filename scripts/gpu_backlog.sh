@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -87,9 +87,19 @@ case "${1:-}" in
     wait ;;
   serve-26b) # issue #17: full-depth 26B-A4B, equal static budgets (swa_ratio sizes pools as in production)
     $PY bench/serve.py --model 26b --arms "${SERVE_ARMS:-on,off}" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
-      --deadline-s "${SERVE_DEADLINE_S:-480}" \
+      --deadline-s "${SERVE_DEADLINE_S:-480}" --extra-server-args "${SERVE_EXTRA:-}" \
       --workloads "${SERVE_WORKLOADS:-tpot_3000_100,summ_8000_200,chat_c1,chat_c32,decode_100_500}" \
-      --out "$OUT/serve-26b" 2>&1 | tee "$OUT/serve-26b.txt" ;;
+      --profile "${SERVE_PROFILE-on:chat_c1,off:chat_c1}" --out "$OUT/serve-26b" 2>&1 | tee "$OUT/serve-26b.txt" ;;
+  serve-26b-swa) # issue #17: swa_ratio alone (plugin on both arms), 8k summarisation where the full pool binds
+    SERVE_ARMS=on,SGLANG_GEMMA4_SWA_RATIO=0 SERVE_WORKLOADS=summ_8000_200,tpot_3000_100 SERVE_PROFILE=, bash "$0" serve-26b ;;
+  mtp-e4b) # issue #19: FROZEN_KV_MTP step cost vs plain, V2=0/1, batch 1..48 (cap raised past SGLang's 48 default)
+    $PY bench/serve.py --model e4b --arms "on,spec+SGLANG_FROZEN_KV_MTP_V2=0,spec+SGLANG_FROZEN_KV_MTP_V2=1" --repeat 3 \
+      --max-total-tokens 100000 --mem-fraction-static 0.88 --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" \
+      --deadline-s "${SERVE_DEADLINE_S:-480}" --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16,chat_c48}" \
+      --profile "${SERVE_PROFILE:-spec+SGLANG_FROZEN_KV_MTP_V2=1:chat_c1}" --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
+  mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
+    SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
+      SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e2b-e4b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b"; exit 2 ;;
 esac

@@ -24,7 +24,11 @@ def test_arms(serve, tmp_path):
     env, args = serve.arm_config("spec", tmp_path)
     assert env == {} and str(tmp_path) in args and "NEXTN" in args
     assert serve.arm_config("SGLANG_GEMMA4_SWA_RATIO=0", tmp_path) == ({"SGLANG_GEMMA4_SWA_RATIO": "0"}, [])
-    for bad in ("fast", "FOO=1"):
+    env, args = serve.arm_config("spec-off+SGLANG_FROZEN_KV_MTP_V2=0+steps=2", tmp_path)
+    assert env == {"SGLANG_PLUGINS": "none", "SGLANG_FROZEN_KV_MTP_V2": "0"}
+    assert args[args.index("--speculative-num-steps") + 1] == "2"
+    assert args[args.index("--speculative-num-draft-tokens") + 1] == "3"
+    for bad in ("fast", "FOO=1", "on+steps=2", "spec+steps=9", "spec+x", "spec+FOO=1"):
         with pytest.raises(ValueError):
             serve.arm_config(bad, tmp_path)
 
