@@ -92,3 +92,15 @@ def test_first_sampled_request_waits_on_no_compiler(serving):
     # the module was built during start-up (before /health), on a cache nobody had filled
     assert on["log_prewarm_line"], on
     assert off["log_prewarm_line"] is None, off
+
+
+@pytest.mark.gpu
+def test_corrupt_images_get_4xx_and_the_mm_server_serves_on(serving):
+    r = _arm(serving, "mm_images")
+    assert "error" not in r, r
+    good, *bad = r["bad_image"]
+    assert good["status"] == 200 and good["n_out"] == 4, good
+    for case in bad:
+        assert 400 <= case["status"] < 500, case
+        assert case["health_after"] == 200 and case["next_request_ok"], case
+    assert r["alive"] and not r["checks_fired"], r

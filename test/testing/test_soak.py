@@ -66,3 +66,17 @@ def test_summary_counts_mismatch_and_missing_400():
     assert s["greedy_compared"] == 2 and s["greedy_mismatch"] == [1]
     assert s["missing_400"] == [3] and s["unexpected_http_errors"] == [(4, 500, "boom"), (6, 200, "other")]
     assert s["bad_finish"] == [(3, "x")] and s["kinds"] == {"done": 3, "http_error": 2, "stream_error": 2}
+
+
+def test_serving_suite_arms_cover_the_issue():
+    from sglang_gemma4.testing.serving_suite import serving_arms
+
+    arms = serving_arms("T", "D", "E", "M")
+    envs = {n: a[2] for n, a in arms.items()}
+    assert {envs[n].get("SGLANG_FROZEN_KV_MTP_V2") for n in ("mtp_v2_unset", "mtp_v2_0", "mtp_v2_1")} == {None, "0", "1"}
+    assert "--disable-radix-cache" in arms["plain_no_radix"][1] and envs["plugin_off"] == {"SGLANG_PLUGINS": "none"}
+    assert arms["e4b_full_dummy"][0] == "E" and "dummy" in arms["e4b_full_dummy"][1]
+    assert arms["mm_images"][0] == "M" and "--enable-multimodal" in arms["mm_images"][1]
+    assert all(a[3] == "full" for n, a in arms.items() if n.startswith(("plain", "mtp", "mm")))
+    assert envs["fresh_prewarm_off"]["SGLANG_GEMMA4_JIT_PREWARM"] == "0"
+    assert envs["fresh_prewarm_on"]["FLASHINFER_WORKSPACE_BASE"] != envs["fresh_prewarm_off"]["FLASHINFER_WORKSPACE_BASE"]

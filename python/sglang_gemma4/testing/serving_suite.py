@@ -27,7 +27,7 @@ SPEC = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3", "--s
         "--speculative-num-draft-tokens", "4"]
 
 
-def servingserving_arms(target, draft, e4b):
+def serving_arms(target, draft, e4b, mm):
     base = ["--skip-tokenizer-init", "--attention-backend", "triton", "--context-length", str(CONTEXT),
             "--max-total-tokens", "32768", "--mem-fraction-static", "0.9", "--cuda-graph-max-bs", "16",
             "--random-seed", "0"]
@@ -42,6 +42,8 @@ def servingserving_arms(target, draft, e4b):
         "mtp_v2_1": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "1"}, "full", True),
         "plugin_off": (target, base, {"SGLANG_PLUGINS": "none"}, "full", True),
         "e4b_full_dummy": (e4b, base + ["--load-format", "dummy"], {}, "idle", True),
+        # multimodal checkpoint (processor files inside): broken images, then a good one
+        "mm_images": (mm, base + ["--enable-multimodal", "--mm-attention-backend", "triton_attn"], {}, "full", False),
         # fresh flashinfer JIT cache each: first sampled request with and without the prewarm
         "fresh_prewarm_off": (target, base + spec, {"SGLANG_GEMMA4_JIT_PREWARM": "0", **fresh("off")}, "none", False),
         "fresh_prewarm_on": (target, base + spec, fresh("on"), "none", False),
@@ -53,10 +55,11 @@ def run_suite(out: Path) -> dict:
 
     target, draft = checkpoints.build_pair("agree_target")
     e4b, _ = fullsize.write_model("e4b", out / "models")
+    mm = checkpoints.build("mm")
     vocab = checkpoints.spec("agree_target").text.vocab_size
     servers = {}
     only = [a for a in os.environ.get("SERVING_ARMS", "").split(",") if a]
-    for name, (model, args, env, checks, _) in serving_arms(target, draft, e4b).items():
+    for name, (model, args, env, checks, _) in serving_arms(target, draft, e4b, mm).items():
         if only and name not in only:
             continue
         servers[name] = srv.make_server(name, model, out / "logs", args, env=env, checks=checks)
@@ -82,6 +85,15 @@ def run_suite(out: Path) -> dict:
                     res["arms"][name] = {"error": str(e)[-1000:]}
             if s is not None:
                 s.stop()
+        s = servers.get("mm_images")
+        if s is not None and "mm_images" not in res["arms"]:
+            try:
+                res["arms"]["mm_images"] = {"ready_s": s.ready_s, "alive_before": s.alive(),
+                                            "bad_image": soak.mm_bad_image_checks(s, out / "mm-images"),
+                                            "alive": s.alive(), "checks_fired": s.checks_fired()[:30]}
+            except Exception as e:
+                res["arms"]["mm_images"] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}", "alive": s.alive()}
+            s.stop()
 
         def work(name):
             s = servers[name]
@@ -97,7 +109,7 @@ def run_suite(out: Path) -> dict:
             except Exception as e:
                 res["arms"][name] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}", "alive": s.alive()}
 
-        todo = [n for n, a in serving_arms(target, draft, e4b).items() if a[4] and n in servers and n not in res["arms"]]
+        todo = [n for n, a in serving_arms(target, draft, e4b, mm).items() if a[4] and n in servers and n not in res["arms"]]
         threads = [threading.Thread(target=work, args=(n,)) for n in todo]
         for t in threads:
             t.start()

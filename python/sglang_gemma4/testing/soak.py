@@ -299,6 +299,45 @@ def soak(s: srv.Server, n: int, concurrency: int, vocab: int, context: int, seed
     return res
 
 
+def mm_bad_image_checks(s: srv.Server, work_dir) -> List[Dict[str, Any]]:
+    """Multimodal server: a good image request, then broken images; each followed by /health and the good one."""
+    import base64
+    from pathlib import Path
+
+    from sglang_gemma4.testing import checkpoints as ck
+
+    d = Path(work_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    good = d / "good.png"
+    ck.synthetic_image(64, 96, seed=5).save(good)
+    png = good.read_bytes()
+    (d / "garbage.png").write_bytes(bytes(range(256)) * 8)
+    (d / "truncated.png").write_bytes(png[: len(png) // 3])
+    prompt = ck.image_prompt([[20, 21, 22, 23, 24, 25, 26, 27], ck.IMAGE, [30, 31]])
+
+    def req(images, ids=prompt):
+        return {"input_ids": ids, "image_data": images, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+
+    cases = [
+        ("garbage_bytes_file", req([str(d / "garbage.png")])),
+        ("truncated_png_file", req([str(d / "truncated.png")])),
+        ("garbage_data_url", req(["data:image/png;base64," + base64.b64encode(b"not an image" * 50).decode()])),
+        ("missing_file", req([str(d / "does-not-exist.png")])),
+        ("two_images_one_placeholder", req([str(good), str(good)])),
+    ]
+    out = []
+    st, body = srv.http(s.base + "/generate", req([str(good)]), timeout=300)
+    out.append({"case": "good_image", "status": st, "body": str(body)[:300],
+                "n_out": len((body or {}).get("output_ids") or []) if isinstance(body, dict) else 0})
+    for name, payload in cases:
+        st, body = srv.http(s.base + "/generate", payload, timeout=300)
+        rec = {"case": name, "status": st, "body": str(body)[:300], "health_after": s.health()}
+        st2, body2 = srv.http(s.base + "/generate", req([str(good)]), timeout=300)
+        rec["next_request_ok"] = st2 == 200 and len((body2 or {}).get("output_ids") or []) == 4
+        out.append(rec)
+    return out
+
+
 def id_reference(s: srv.Server) -> List[Dict[str, Any]]:
     """SGLang's own answer to each bad-id case, in order, until the server dies (plugin off)."""
     out = []
