@@ -461,3 +461,21 @@ def test_hook_is_transparent_under_torch_compile(fixed, monkeypatch):
         assert counter.frame_count == 1
     else:
         assert counter.frame_count > 1
+
+
+def test_eager_min_rows_knob_moves_the_graph_threshold(monkeypatch, clean_env):
+    from sglang_gemma4 import registry
+
+    runner = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(model=_bare_text_model(7, 4))))
+    fb = make_batch([0, 0], [1500, 700])  # saves 2198 rows
+    monkeypatch.setitem(yoco._state, "eager_min_rows", 4096)
+    assert yoco.yoco_can_run_graph_hook(lambda r, b: True, runner, fb) is True
+    monkeypatch.setitem(yoco._state, "eager_min_rows", 2000)
+    assert yoco.yoco_can_run_graph_hook(lambda r, b: True, runner, fb) is False
+    assert yoco.eager_min_rows({}) == yoco.EAGER_MIN_SAVED_TOKENS
+    assert yoco.eager_min_rows({yoco.EAGER_MIN_ENV: " 100000 "}) == 100000
+    for bad in ("-1", "1e9", "lots"):
+        st = registry.evaluate(yoco.PATCH, {yoco.EAGER_MIN_ENV: bad})
+        assert st.state == "error" and st.knob == yoco.EAGER_MIN_ENV and st.value == bad, st
+    monkeypatch.setenv(yoco.EAGER_MIN_ENV, "100000")  # the status line reads the process environment
+    assert "100000 rows" in registry.evaluate(yoco.PATCH).reason

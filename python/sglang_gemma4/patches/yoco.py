@@ -49,8 +49,25 @@ TARGET_PREFILL_GRAPH = (
 
 # A batch that YOCO would shrink by at least this many rows skips the prefill
 # CUDA graph and runs eager with YOCO: below it, launch overhead saved by the
-# graph can exceed the shared-layer work saved by YOCO.
+# graph can exceed the shared-layer work saved by YOCO. Not yet tuned at full
+# depth (an E4B concurrency-16 TTFT regression is suspected to come from it):
+# SGLANG_GEMMA4_YOCO_EAGER_MIN_ROWS moves it for that A/B (a huge value keeps
+# every graph-eligible batch in the graph, i.e. YOCO only where SGLang is eager).
 EAGER_MIN_SAVED_TOKENS = 1024
+EAGER_MIN_ENV = "SGLANG_GEMMA4_YOCO_EAGER_MIN_ROWS"
+
+
+def eager_min_rows(environ=None) -> int:
+    import os
+
+    env = os.environ if environ is None else environ
+    raw = (env.get(EAGER_MIN_ENV) or "").strip()
+    if not raw:
+        return EAGER_MIN_SAVED_TOKENS
+    if not raw.isdigit():
+        raise ValueError(f"invalid value {raw!r} for environment variable {EAGER_MIN_ENV}; "
+                         f"expected a non-negative integer number of rows (default {EAGER_MIN_SAVED_TOKENS})")
+    return int(raw)
 
 # ForwardBatch fields narrowed to one token per request around the shared layers.
 SWAPPED_FIELDS = (
@@ -64,7 +81,7 @@ SWAPPED_FIELDS = (
     "positions",
 )
 
-_state = {"announced": False, "broken": False}
+_state = {"announced": False, "broken": False, "eager_min_rows": EAGER_MIN_SAVED_TOKENS}
 
 
 def first_kv_shared_layer(config: Any) -> Optional[int]:
@@ -327,7 +344,7 @@ def yoco_can_run_graph_hook(original, runner, forward_batch):
         if model is None or batch_ineligible_reason(model, forward_batch) is not None:
             return ok
         saved_rows = sum(forward_batch.extend_seq_lens_cpu) - forward_batch.batch_size
-        return saved_rows < EAGER_MIN_SAVED_TOKENS
+        return saved_rows < _state["eager_min_rows"]
     except Exception:
         logger.exception("YOCO prefill-graph check failed; keeping SGLang's decision")
         return ok
@@ -359,11 +376,20 @@ class Yoco(Patch):
         if not value:
             return ""
         return (f"{self.summary}; prefill CUDA graph skipped when it saves "
-                f">= {EAGER_MIN_SAVED_TOKENS} rows")
+                f">= {eager_min_rows()} rows ({EAGER_MIN_ENV})")
+
+    def validate(self, environ) -> None:
+        from sglang_gemma4.registry import SettingError
+
+        try:
+            eager_min_rows(environ)
+        except ValueError as e:
+            raise SettingError(EAGER_MIN_ENV, environ.get(EAGER_MIN_ENV), str(e)) from None
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType
 
+        _state["eager_min_rows"] = eager_min_rows()
         self.hook(TARGET_FORWARD, yoco_forward_hook, HookType.AROUND)
         self.hook(TARGET_PREFILL_GRAPH, yoco_can_run_graph_hook, HookType.AROUND)
 
