@@ -186,7 +186,7 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
 
 
 def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, delay_s: float,
-                 timeout: float) -> Dict[str, Any]:
+                 timeout: float, activities: Optional[List[str]] = None) -> Dict[str, Any]:
     """Trace ``steps`` scheduler steps of a live load (started ``delay_s`` in, past the prefills)."""
     import decode_profile
 
@@ -196,7 +196,7 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
     th = threading.Thread(target=lambda: box.update(r=bench_once(s, tok, wl, 4242, out, timeout)))
     th.start()
     time.sleep(delay_s)
-    st, body = srv.http(s.base + "/start_profile", {"output_dir": str(d), "num_steps": steps, "activities": ["GPU"]})
+    st, body = srv.http(s.base + "/start_profile", {"output_dir": str(d), "num_steps": steps, "activities": activities or ["GPU"]})
     th.join()
     if st != 200:
         raise RuntimeError(f"/start_profile: HTTP {st}: {str(body)[:300]}")
@@ -372,6 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile", default="", help="ARM:WORKLOAD[,...]: one extra, untimed, traced pass each")
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--profile-delay-s", type=float, default=2.0)
+    ap.add_argument("--profile-activities", default="GPU", help="CPU,GPU also records host gaps and syncs")
     ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
     a = ap.parse_args(argv)
@@ -453,7 +454,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 result.setdefault("profiles", {})[item] = profile_once(
                     servers[arm], target, table[w], a.out / "logs" / f"profile-{w}-{arm}", a.profile_steps,
-                    a.profile_delay_s, a.bench_timeout)
+                    a.profile_delay_s, a.bench_timeout, a.profile_activities.split(","))
             except Exception as e:
                 result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
             save()

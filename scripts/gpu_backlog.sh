@@ -95,7 +95,8 @@ case "${1:-}" in
     $PY bench/serve.py --model e4b --arms "on,spec+SGLANG_FROZEN_KV_MTP_V2=0,spec+SGLANG_FROZEN_KV_MTP_V2=1" --repeat 3 \
       --max-total-tokens 100000 --mem-fraction-static 0.88 --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" \
       --deadline-s "${SERVE_DEADLINE_S:-480}" --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16,chat_c48}" \
-      --profile "${SERVE_PROFILE:-spec+SGLANG_FROZEN_KV_MTP_V2=1:chat_c1}" --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
+      --profile "${SERVE_PROFILE:-spec+SGLANG_FROZEN_KV_MTP_V2=1:chat_c8,spec+SGLANG_FROZEN_KV_MTP_V2=0:chat_c8}" \
+      --profile-activities CPU,GPU --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
