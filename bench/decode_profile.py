@@ -56,20 +56,17 @@ def kernels(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, float]]:
     return out
 
 
-def category(name: str) -> str:
+def _first(rules, name: str, default: str) -> str:
     n = name.lower()
-    for cat, rx in CATEGORIES:
-        if re.search(rx, n):
-            return cat
-    return "other"
+    return next((label for rx, label in rules if re.search(rx, n)), default)
+
+
+def category(name: str) -> str:
+    return _first([(rx, cat) for cat, rx in CATEGORIES], name, "other")
 
 
 def launcher(name: str) -> str:
-    n = name.lower()
-    for rx, who in LAUNCHERS:
-        if re.search(rx, n):
-            return who
-    return "?"
+    return _first(LAUNCHERS, name, "?")
 
 
 def table(ks: List[Tuple[str, float]], steps: int, top: int = 25) -> Dict[str, Any]:

@@ -110,9 +110,7 @@ def arm_config(arm: str, draft: Path) -> tuple:
         else:
             raise ValueError(f"arm {arm!r}: {k!r} is neither an SGLANG_ knob nor steps")
     if base.startswith("spec"):
-        args = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(steps),
-                "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(steps + 1),
-                "--speculative-draft-model-path", str(draft)]
+        args = srv.spec_args(draft, steps)
     return env, args
 
 

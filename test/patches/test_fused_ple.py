@@ -143,23 +143,12 @@ def tp1():
 
 
 @pytest.fixture
-def allow_cpu(monkeypatch):
-    monkeypatch.setattr(fused_ple, "_TEST_ALLOW_CPU", True)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls(spy):
     from sglang_gemma4.kernels import ple_tail
 
     calls = []
     for name in ("gemma_rmsnorm_add", "gemma_gelu_tanh_mul", "gemma_rmsnorm_residual_scalar"):
-        fn = getattr(ple_tail, name)
-
-        def spy(*a, _fn=fn, _name=name, **k):
-            calls.append(_name)
-            return _fn(*a, **k)
-
-        monkeypatch.setattr(ple_tail, name, spy)
+        spy(ple_tail, name, lambda a, _name=name: calls.append(_name))
     return calls
 
 

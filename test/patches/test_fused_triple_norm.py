@@ -22,22 +22,11 @@ from sglang_gemma4.testing.hooks import patch_applied
 
 
 @pytest.fixture
-def allow_cpu(monkeypatch):
-    monkeypatch.setattr(fused_ple, "_TEST_ALLOW_CPU", True)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls(spy):
     from sglang_gemma4.kernels import triple_rmsnorm
 
     calls = []
-    fn = triple_rmsnorm.gemma_post_attn_triple_rmsnorm
-
-    def spy(*a, **k):
-        calls.append(a[0].shape)
-        return fn(*a, **k)
-
-    monkeypatch.setattr(triple_rmsnorm, "gemma_post_attn_triple_rmsnorm", spy)
+    spy(triple_rmsnorm, "gemma_post_attn_triple_rmsnorm", lambda a: calls.append(a[0].shape))
     return calls
 
 

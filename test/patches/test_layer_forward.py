@@ -60,24 +60,13 @@ def applied(names, environ):
 
 
 @pytest.fixture
-def allow_cpu(monkeypatch):
-    monkeypatch.setattr(fused_ple, "_TEST_ALLOW_CPU", True)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Names of our layer kernels as they are called (the fusions import them at call time)."""
+def kernel_calls(spy):
+    """Names of our layer kernels as they are called."""
     from sglang_gemma4.kernels import ple_tail, triple_rmsnorm
 
     calls = []
     for mod, name in [(ple_tail, n) for n in PLE_KERNELS] + [(triple_rmsnorm, "gemma_post_attn_triple_rmsnorm")]:
-        fn = getattr(mod, name)
-
-        def spy(*a, _fn=fn, _name=name, **k):
-            calls.append(_name)
-            return _fn(*a, **k)
-
-        monkeypatch.setattr(mod, name, spy)
+        spy(mod, name, lambda a, _name=name: calls.append(_name))
     return calls
 
 

@@ -65,8 +65,11 @@ def eager_min_rows(environ=None) -> int:
     if not raw:
         return EAGER_MIN_SAVED_TOKENS
     if not raw.isdigit():
-        raise ValueError(f"invalid value {raw!r} for environment variable {EAGER_MIN_ENV}; "
-                         f"expected a non-negative integer number of rows (default {EAGER_MIN_SAVED_TOKENS})")
+        from sglang_gemma4.registry import SettingError
+
+        raise SettingError(EAGER_MIN_ENV, env.get(EAGER_MIN_ENV),
+                           f"invalid value {raw!r} for environment variable {EAGER_MIN_ENV}; expected a "
+                           f"non-negative integer number of rows (default {EAGER_MIN_SAVED_TOKENS})")
     return int(raw)
 
 # ForwardBatch fields narrowed to one token per request around the shared layers.
@@ -379,12 +382,7 @@ class Yoco(Patch):
                 f">= {eager_min_rows()} rows ({EAGER_MIN_ENV})")
 
     def validate(self, environ) -> None:
-        from sglang_gemma4.registry import SettingError
-
-        try:
-            eager_min_rows(environ)
-        except ValueError as e:
-            raise SettingError(EAGER_MIN_ENV, environ.get(EAGER_MIN_ENV), str(e)) from None
+        eager_min_rows(environ)  # SettingError: status shows this variable, not the YOCO knob
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType

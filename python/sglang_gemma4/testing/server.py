@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sglang_gemma4.testing.engine import CHECK_ENVS, scan_checks
+from sglang_gemma4.testing.engine import CHECK_ENVS, SPEC_KWARGS, scan_checks
 
 # What SGLang 0.5.17 logs about its KV pools (hybrid SWA and plain).
 _POOL_RES = {
@@ -41,6 +41,15 @@ _POOL_RES = {
     "swa_pool_gb": re.compile(r"SWAKVPool mem usage: ([\d.]+) GB"),
     "max_running_requests": re.compile(r"max_running_requests=(\d+)"),
 }
+
+
+def spec_args(draft: os.PathLike, steps: Optional[int] = None) -> List[str]:
+    """FROZEN_KV_MTP server flags: the harness's SPEC_KWARGS (NEXTN, promoted for a Gemma-4
+    assistant), optionally with ``steps`` draft steps (``steps + 1`` draft tokens)."""
+    kw = dict(SPEC_KWARGS, speculative_draft_model_path=str(draft))
+    if steps is not None:
+        kw.update(speculative_num_steps=steps, speculative_num_draft_tokens=steps + 1)
+    return [x for k, v in kw.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
 def free_port() -> int:

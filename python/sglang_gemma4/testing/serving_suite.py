@@ -23,15 +23,15 @@ from pathlib import Path
 CONTEXT = 1024
 N_REQ = int(os.environ.get("SERVING_SOAK_N", "500"))
 CONC = 48
-SPEC = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
-        "--speculative-num-draft-tokens", "4"]
 
 
 def serving_arms(target, draft, e4b, mm):
     base = ["--skip-tokenizer-init", "--attention-backend", "triton", "--context-length", str(CONTEXT),
             "--max-total-tokens", "32768", "--mem-fraction-static", "0.9", "--cuda-graph-max-bs", "16",
             "--random-seed", "0"]
-    spec = SPEC + ["--speculative-draft-model-path", str(draft)]
+    from sglang_gemma4.testing.server import spec_args
+
+    spec = spec_args(draft)
     fresh = lambda tag: {"FLASHINFER_WORKSPACE_BASE": tempfile.mkdtemp(prefix=f"fi-{tag}-")}  # noqa: E731
     return {
         # name: (model, args, env, checks, soak?)

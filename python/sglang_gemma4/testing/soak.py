@@ -231,26 +231,31 @@ BAD_INPUTS = [
 ID_CASES = ("oov_token_id", "negative_token_id", "string_token_id", "empty_input_ids")
 
 
+def _bad_then_good(s: srv.Server, case: str, good: Dict[str, Any], n_good: int,
+                   payload: Optional[Dict[str, Any]] = None, raw: Optional[bytes] = None,
+                   timeout: float = 60) -> Dict[str, Any]:
+    """One bad request, then /health and ``good`` (which must return ``n_good`` tokens)."""
+    st, body = srv.http(s.base + "/generate", payload, timeout=timeout, raw=raw)
+    rec = {"case": case, "status": st, "body": str(body)[:300], "health_after": s.health()}
+    st2, body2 = srv.http(s.base + "/generate", good, timeout=timeout)
+    rec["next_request_ok"] = st2 == 200 and len((body2 or {}).get("output_ids") or []) == n_good
+    return rec
+
+
 def bad_input_checks(s: srv.Server, context: int, vocab: int, skip: Sequence[str] = ()) -> List[Dict[str, Any]]:
     """Each bad request, then /health and one good request; what came back."""
     cases = [c for c in BAD_INPUTS if c[0] not in skip] + [
         ("prompt_over_context", {"input_ids": [2] + [9] * (context + 100), "sampling_params": {"max_new_tokens": 4}},
          "context length"),
     ]
+    good = {"input_ids": [2, 9, 10], "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
     out = []
     for name, payload, needle in cases:
-        st, body = srv.http(s.base + "/generate", payload, timeout=60)
-        rec = {"case": name, "status": st, "body": str(body)[:300], "needle": needle}
-        rec["names_field"] = needle.lower() in str(body).lower() if needle else None
-        rec["health_after"] = s.health()
-        st2, body2 = srv.http(s.base + "/generate", {"input_ids": [2, 9, 10], "sampling_params": {
-            "max_new_tokens": 2, "temperature": 0}}, timeout=60)
-        rec["next_request_ok"] = st2 == 200 and len((body2 or {}).get("output_ids") or []) == 2
+        rec = _bad_then_good(s, name, good, 2, payload)
+        rec["needle"] = needle
+        rec["names_field"] = needle.lower() in rec["body"].lower() if needle else None
         out.append(rec)
-    st, body = srv.http(s.base + "/generate", raw=b'{"input_ids": [2, 3', timeout=60)
-    out.append({"case": "malformed_json", "status": st, "body": str(body)[:300], "health_after": s.health(),
-                "next_request_ok": srv.http(s.base + "/generate", {"input_ids": [2, 9], "sampling_params": {
-                    "max_new_tokens": 1}})[0] == 200})
+    out.append(_bad_then_good(s, "malformed_json", good, 2, raw=b'{"input_ids": [2, 3'))
     return out
 
 
@@ -325,16 +330,10 @@ def mm_bad_image_checks(s: srv.Server, work_dir) -> List[Dict[str, Any]]:
         ("missing_file", req([str(d / "does-not-exist.png")])),
         ("two_images_one_placeholder", req([str(good), str(good)])),
     ]
-    out = []
     st, body = srv.http(s.base + "/generate", req([str(good)]), timeout=300)
-    out.append({"case": "good_image", "status": st, "body": str(body)[:300],
-                "n_out": len((body or {}).get("output_ids") or []) if isinstance(body, dict) else 0})
-    for name, payload in cases:
-        st, body = srv.http(s.base + "/generate", payload, timeout=300)
-        rec = {"case": name, "status": st, "body": str(body)[:300], "health_after": s.health()}
-        st2, body2 = srv.http(s.base + "/generate", req([str(good)]), timeout=300)
-        rec["next_request_ok"] = st2 == 200 and len((body2 or {}).get("output_ids") or []) == 4
-        out.append(rec)
+    out = [{"case": "good_image", "status": st, "body": str(body)[:300],
+            "n_out": len((body or {}).get("output_ids") or []) if isinstance(body, dict) else 0}]
+    out += [_bad_then_good(s, name, req([str(good)]), 4, payload, timeout=300) for name, payload in cases]
     return out
 
 
