@@ -147,6 +147,11 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
             "--output-file", str(f), "--disable-tqdm"]
     if conc:
         argv += ["--max-concurrency", str(conc)]
+    # Dummy weights emit special tokens, which detokenize to "" by default, and bench_serving times
+    # only chunks with text: TTFT/ITL read 0 and TPOT becomes E2E/(n-1). Keep specials in the text.
+    # (The random dataset gives every request the same output length, so one sampling_params fits all.)
+    argv += ["--extra-request-body", json.dumps({"sampling_params": {
+        "temperature": 0.0, "max_new_tokens": outp, "ignore_eos": True, "skip_special_tokens": False}})]
     lock = None
     if BENCH_LOCK[0]:  # several serve.py on one GPU: one load at a time, servers stay up
         import fcntl
@@ -179,6 +184,9 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
         raise RuntimeError(f"bench_serving wrote no result on {s.name}; see {out.with_suffix('.log')}")
     row = json.loads(f.read_text().strip().splitlines()[-1])
     res = {k: row.get(k) for k in METRICS}
+    if not res.get("median_ttft_ms"):
+        raise RuntimeError(f"bench_serving on {s.name} timed no first token (TTFT 0): no streamed text; "
+                           f"see {out.with_suffix('.log')}")
     res["wall_s"] = round(time.time() - t0, 1)
     return res
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -84,6 +84,19 @@ case "${1:-}" in
     $PY bench/serve.py --model e2b --arms on,off,SGLANG_GEMMA4_YOCO=0 --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-480}" \
       --max-total-tokens 100000 --mem-fraction-static 0.88 --workloads "${SERVE_WORKLOADS:-yoco_7000_10,tpot_3000_100,ttft_c16,chat_c1}" \
       --out "$OUT/serve-e2b" 2>&1 | tee "$OUT/serve-e2b.txt" ;;
+  serve-small) # issues #17/#18/#20 in one call: E4B (on/off/graph-always) and E2B (on/off) servers plus the mm bad-image
+    # arm, all started together; one file lock serialises every measured load, and the mm soak holds it first
+    L="$OUT/bench.lock"; : >"$L"
+    ( flock 9; SERVING_ARMS=mm_images timeout -k 5 300 bash "$0" serving ) 9>"$L" >"$OUT/mm.log" 2>&1 &
+    sleep 2
+    $PY bench/serve.py --model e2b --arms on,off --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-440}" --bench-lock "$L" \
+      --max-total-tokens 100000 --mem-fraction-static 0.88 --workloads "${SERVE_E2B_WORKLOADS:-yoco_7000_10}" \
+      --out "$OUT/serve-e2b" >"$OUT/serve-e2b.txt" 2>&1 &
+    $PY bench/serve.py --model e4b --arms on,off,SGLANG_GEMMA4_YOCO_EAGER_MIN_ROWS=1000000 --repeat 3 --bench-lock "$L" \
+      --deadline-s "${SERVE_DEADLINE_S:-440}" --max-total-tokens 100000 --mem-fraction-static 0.88 \
+      --workloads "${SERVE_WORKLOADS:-yoco_7000_10,ttft_c16,chat_c1}" --profile "${SERVE_PROFILE-on:chat_c1,off:chat_c1}" \
+      --out "$OUT/serve-e4b" 2>&1 | tee "$OUT/serve-e4b.txt"
+    wait ;;
   serve-26b) # issue #17: full-depth 26B-A4B, equal static budgets (swa_ratio sizes pools as in production)
     $PY bench/serve.py --model 26b --arms "${SERVE_ARMS:-on,off}" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
       --deadline-s "${SERVE_DEADLINE_S:-480}" --extra-server-args "${SERVE_EXTRA:-}" \
@@ -101,5 +114,5 @@ case "${1:-}" in
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b"; exit 2 ;;
 esac

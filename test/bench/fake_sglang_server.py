@@ -67,10 +67,13 @@ class H(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
+        # like a dummy-weight model: every token is a special one (<pad>), so the text stays empty
+        # unless the request keeps special tokens (bench_serving only times chunks with text)
+        keep = body["sampling_params"].get("skip_special_tokens", True) is False
         text = ""
         for i in range(out):
             time.sleep(a.tpot_ms / 1000)
-            text += f" t{i}"
+            text += "<pad>" if keep else ""
             d = {"text": text, "meta_info": {"completion_tokens": i + 1, "prompt_tokens": len(body["input_ids"])}}
             chunk(b"data: " + json.dumps(d).encode() + b"\n\n")
         chunk(b"data: [DONE]\n\n")

@@ -134,6 +134,9 @@ def test_whole_benchmark_against_fake_servers(serve, tmp_path, monkeypatch):
     assert all(r["completed"] == 4 for a in ("on", "off") for r in res["runs"]["tiny"][a])
     tpot = res["compare"]["tiny"]["on/off"]["median_tpot_ms"]
     assert tpot["ratio"] < 0.6, tpot
+    # the fake emits only special tokens (as dummy weights do): first token and gaps are still timed
+    for r in res["runs"]["tiny"]["off"]:
+        assert r["median_ttft_ms"] > 0 and r["median_itl_ms"] >= 3.0, r
     assert res["servers"]["on"]["pools"]["max_running_requests"] == 77
     assert not res["servers"]["on"]["alive"]  # stopped at the end
     assert "| tiny | on/off |" in (tmp_path / "serve-e2b.md").read_text()
