@@ -57,6 +57,9 @@ WORKLOADS: Dict[str, tuple] = {
     "chat_c8": (1000, 256, 16, 8),
     "chat_c16": (1000, 256, 32, 16),
     "chat_c48": (1000, 256, 96, 48),
+    # decode at 8k context (issue #20's profile points)
+    "ctx8k_c1": (8000, 256, 2, 1),
+    "ctx8k_c16": (8000, 256, 16, 16),
 }
 # The seed's full sizes, for --full (too long for one 10-minute device call per model).
 FULL_WORKLOADS: Dict[str, tuple] = {
@@ -379,6 +382,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--profile-delay-s", type=float, default=2.0)
     ap.add_argument("--profile-activities", default="GPU", help="CPU,GPU also records host gaps and syncs")
+    ap.add_argument("--only", action="append", default=[], metavar="WORKLOAD=ARM|ARM",
+                    help="run WORKLOAD on these arms only (repeatable), e.g. chat_c8=on|spec+SGLANG_FROZEN_KV_MTP_V2=1")
     ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
     a = ap.parse_args(argv)
@@ -395,10 +400,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         ap.error(f"unknown workloads {bad}; known: {', '.join(table)}")
     arms = [x for x in a.arms.split(",") if x]
-    for item in [x for x in a.profile.split(",") if x]:  # fail before any server starts
+    profiles = []  # (item, arm, workload, delay s): fail before any server starts
+    for item in [x for x in a.profile.split(",") if x]:
         parm, _, pw = item.rpartition(":")
-        if parm not in arms or pw not in table:
-            ap.error(f"--profile {item!r}: want ARM:WORKLOAD with ARM in {arms} and WORKLOAD in {list(table)}")
+        pw, _, delay = pw.partition("@")  # WORKLOAD@S: start tracing S s in (past long prefills)
+        try:
+            d = float(delay) if delay else a.profile_delay_s
+        except ValueError:
+            d = -1.0
+        if parm not in arms or pw not in table or d < 0:
+            ap.error(f"--profile {item!r}: want ARM:WORKLOAD[@DELAY_S] with ARM in {arms} and WORKLOAD in {list(table)}")
+        profiles.append((item, parm, pw, d))
+    only: Dict[str, List[str]] = {}
+    for item in a.only:
+        w, sep, rest = item.partition("=")
+        sel = [x for x in rest.split("|") if x]
+        if not sep or w not in wls or not sel or any(x not in arms for x in sel):
+            ap.error(f"--only {item!r}: want WORKLOAD=ARM|ARM with WORKLOAD in {wls} and every ARM in {arms}")
+        only[w] = sel
     a.out.mkdir(parents=True, exist_ok=True)
     target, draft = fullsize.write_model(a.model, a.out / "models")
     base_args = ["--load-format", "dummy", "--attention-backend", "triton", "--context-length", str(a.context_length),
@@ -437,7 +456,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"servers ready: {[(k, s.ready_s) for k, s in servers.items()]}", flush=True)
         for w in wls:
             for rep in range(a.repeat):
-                order = arms if rep % 2 == 0 else arms[::-1]
+                wl_arms = only.get(w, arms)
+                order = wl_arms if rep % 2 == 0 else wl_arms[::-1]
                 for arm in order:
                     if time.time() - t_start > a.deadline_s:
                         result["errors"].append(f"deadline: {w} rep {rep} {arm} and later runs not started")
@@ -452,15 +472,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                         result["errors"].append(f"{w} rep {rep} {arm}: {type(e).__name__}: {str(e)[:400]}")
                         print(result["errors"][-1], flush=True)
                 save()
-        for item in [x for x in a.profile.split(",") if x]:
-            arm, _, w = item.rpartition(":")
+        for item, arm, w, delay in profiles:
             if time.time() - t_start > a.deadline_s:
                 result["errors"].append(f"deadline: profile {item} not run")
                 break
             try:
                 result.setdefault("profiles", {})[item] = profile_once(
                     servers[arm], target, table[w], a.out / "logs" / f"profile-{w}-{arm}", a.profile_steps,
-                    a.profile_delay_s, a.bench_timeout, a.profile_activities.split(","))
+                    delay, a.bench_timeout, a.profile_activities.split(","))
             except Exception as e:
                 result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
             save()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b|prof-26b|e4b-all
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -61,6 +61,22 @@ case "${1:-}" in
   bench-e2e) # fused triple-norm / PLE engine A/B, 256-token decode windows, best of 3 (scheduler-bound at these depths)
     $PY bench/e2e.py --variants moe26b_w,moe26b_w8 --ab SGLANG_GEMMA4_FUSED_TRIPLE_NORM=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs"
     $PY bench/e2e.py --variants e4b_w --ab SGLANG_GEMMA4_FUSED_PLE=0,1 --batch 1,8 --repeat 3 --decode-tokens 256 --parallel 1 --out "$OUT/runs-ple" ;;
+  prof-26b) # issues #17/#20: 26B-A4B on/off at equal static budget and equal concurrency (3000/100 capped at 24
+    # running, which both pools hold), c1 TPOT, and the decode-step kernel profile at batch 1/16, 1k/8k context
+    $PY bench/serve.py --model 26b --arms on,off --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
+      --deadline-s "${SERVE_DEADLINE_S:-430}" --extra-server-args "--max-running-requests 24 ${SERVE_EXTRA:-}" \
+      --workloads "${SERVE_WORKLOADS:-tpot_3000_100,chat_c1}" \
+      --profile "${SERVE_PROFILE-on:chat_c1,off:chat_c1,on:chat_c16,on:ctx8k_c1@3,on:ctx8k_c16@8}" \
+      --out "$OUT/prof-26b" 2>&1 | tee "$OUT/prof-26b.txt" ;;
+  e4b-all) # issues #17/#19/#20 in one call: E4B on/off (c16 TTFT question, c1 TPOT), FROZEN_KV_MTP V2=1/0 at
+    # batch 1/8/16 (overlap vs sync), decode-step profiles
+    V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
+    $PY bench/serve.py --model e4b --arms "on,off,$V1,$V0" --repeat 3 --max-total-tokens 100000 --mem-fraction-static 0.88 \
+      --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" --deadline-s "${SERVE_DEADLINE_S:-470}" \
+      --workloads "${SERVE_WORKLOADS:-ttft_c16,chat_c1,chat_c8}" \
+      --only "ttft_c16=on|off|$V1" --only "chat_c1=on|off|$V1" --only "chat_c8=on|$V1|$V0" \
+      --profile "${SERVE_PROFILE-on:chat_c1,off:chat_c1,$V1:chat_c8,$V0:chat_c8}" --profile-activities CPU,GPU \
+      --out "$OUT/e4b-all" 2>&1 | tee "$OUT/e4b-all.txt" ;;
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \
       --out "$OUT/runs-spec" 2>&1 | tee "$OUT/bench-spec.txt" ;;
@@ -114,5 +130,5 @@ case "${1:-}" in
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b|prof-26b|e4b-all"; exit 2 ;;
 esac
