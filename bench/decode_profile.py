@@ -56,6 +56,30 @@ def kernels(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, float]]:
     return out
 
 
+def gpu_timeline(events: Iterable[Dict[str, Any]]) -> Dict[str, float]:
+    """GPU span (first kernel start to last kernel end) and busy time (union of kernel intervals).
+
+    Busy/span is how much of the traced window the GPU computed at all: at batch 1 the gaps are host
+    time (scheduler, launches, syncs) that no kernel fusion recovers.
+    """
+    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")
+                and "ts" in e)
+    if not iv:
+        return {"span_us": 0.0, "busy_us": 0.0, "busy_share": 0.0}
+    busy, (cur_s, cur_e) = 0.0, iv[0]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0]
+    span = max(span, max(e for _, e in iv) - iv[0][0])
+    return {"span_us": round(span, 1), "busy_us": round(busy, 1), "busy_share": round(busy / span, 4) if span else 0.0}
+
+
 def _first(rules, name: str, default: str) -> str:
     n = name.lower()
     return next((label for rx, label in rules if re.search(rx, n)), default)
@@ -87,9 +111,19 @@ def table(ks: List[Tuple[str, float]], steps: int, top: int = 25) -> Dict[str, A
     }
 
 
+def combine_timelines(tls: List[Dict[str, float]]) -> Dict[str, float]:
+    """Several traces (one per rank/file) of the same steps: sum spans and busy times."""
+    span, busy = sum(t["span_us"] for t in tls), sum(t["busy_us"] for t in tls)
+    return {"span_us": round(span, 1), "busy_us": round(busy, 1), "busy_share": round(busy / span, 4) if span else 0.0}
+
+
 def markdown(title: str, t: Dict[str, Any]) -> str:
-    lines = [f"### {title}", "", f"{t['steps']} steps traced, {t['kernel_us_per_step']} us of kernel time per step.", "",
-             "| category | share |", "|---|---|"]
+    head = f"{t['steps']} steps traced, {t['kernel_us_per_step']} us of kernel time per step."
+    if t.get("timeline"):
+        tl = t["timeline"]
+        head += (f" GPU span {tl['span_us'] / max(t['steps'], 1):.0f} us/step, busy {tl['busy_share'] * 100:.1f} % of it"
+                 " (the rest is host time between launches).")
+    lines = [f"### {title}", "", head, "", "| category | share |", "|---|---|"]
     lines += [f"| {c} | {v * 100:.1f} % |" for c, v in t["shares"].items()]
     lines += ["", "| other kernel | share | calls/step | us/step | launched by |", "|---|---|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['share'] * 100:.2f} % | {k['calls_per_step']} | {k['us_per_step']} | {k['launched_by']} |"
@@ -103,11 +137,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    ks = [k for p in a.traces for k in kernels(load_events(p))]
+    evs = [load_events(p) for p in a.traces]
+    ks = [k for ev in evs for k in kernels(ev)]
     if not ks:
         print(f"no kernel events in {a.traces}", file=sys.stderr)
         return 1
     t = table(ks, a.steps)
+    t["timeline"] = combine_timelines([gpu_timeline(ev) for ev in evs])
     if a.out:
         a.out.write_text(json.dumps(t, indent=1))
     print(markdown(", ".join(p.name for p in a.traces), t))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -217,7 +218,9 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
     if not traces:
         raise RuntimeError(f"no trace written under {d}")
     time.sleep(3)  # let the writer finish
-    t = decode_profile.table([k for p in traces for k in decode_profile.kernels(decode_profile.load_events(p))], steps)
+    evs = [decode_profile.load_events(p) for p in traces]
+    t = decode_profile.table([k for ev in evs for k in decode_profile.kernels(ev)], steps)
+    t["timeline"] = decode_profile.combine_timelines([decode_profile.gpu_timeline(ev) for ev in evs])
     t["traces"] = [p.name for p in traces]
     t["load"] = box.get("r")
     for p in traces:
@@ -297,7 +300,8 @@ def write_report(result: Dict[str, Any], json_path: Path) -> None:
           f"triton {result['versions'].get('triton')}. `python -m sglang.launch_server --load-format dummy` per arm "
           f"(all alive), `sglang.bench_serving --dataset-name random-ids`, {result['repeat']} interleaved repeats; "
           f"median over repeats, spread = (max-min)/median. Model: {json.dumps(result['model_summary'])}.",
-          "", f"Server args: `{' '.join(result['server_args'])}`; memory: {result['memory']}.", ""]
+          "", f"Server args: `{' '.join(result['server_args'])}`; memory: {result['memory']}; "
+          f"environment of every arm: `{json.dumps(result.get('common_env', {}))}`.", ""]
     if result.get("note"):
         md += [result["note"], ""]
     md += ["## Servers", "", "| arm | env | ready after (s) | pools (from the server log) |", "|---|---|---|---|"]
@@ -382,6 +386,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=30)
     ap.add_argument("--profile-delay-s", type=float, default=2.0)
     ap.add_argument("--profile-activities", default="GPU", help="CPU,GPU also records host gaps and syncs")
+    ap.add_argument("--profiles-first", action="store_true",
+                    help="trace before the timed workloads, so a deadline cuts repeats rather than profiles")
     ap.add_argument("--only", action="append", default=[], metavar="WORKLOAD=ARM|ARM",
                     help="run WORKLOAD on these arms only (repeatable), e.g. chat_c8=on|spec+SGLANG_FROZEN_KV_MTP_V2=1")
     ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
@@ -435,6 +441,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "model": a.model, "model_summary": fullsize.summary(a.model), "date": datetime.date.today().isoformat(),
         "versions": versions(), "repeat": a.repeat, "server_args": base_args, "memory": memory,
         "workloads": {w: table[w] for w in wls}, "runs": {}, "servers": {}, "errors": [], "note": a.note,
+        # knobs every arm inherits (arms' own env is per server below)
+        "common_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SGLANG_") or k.startswith("SGL_")},
     }
     json_path = a.out / f"serve-{a.model}.json"
 
@@ -448,12 +456,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         json_path.write_text(json.dumps(result, indent=1))
         write_report(result, json_path)
 
+    def run_profiles():
+        for item, arm, w, delay in profiles:
+            if time.time() - t_start > a.deadline_s:
+                result["errors"].append(f"deadline: profile {item} not run")
+                break
+            try:
+                result.setdefault("profiles", {})[item] = profile_once(
+                    servers[arm], target, table[w], a.out / "logs" / f"profile-{w}-{arm}", a.profile_steps,
+                    delay, a.bench_timeout, a.profile_activities.split(","))
+            except Exception as e:
+                result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
+            save()
+
     try:
         if a.static_gib:
             srv.start_sequential(list(servers.values()), a.static_gib)
         else:
             srv.start_parallel(list(servers.values()))
         print(f"servers ready: {[(k, s.ready_s) for k, s in servers.items()]}", flush=True)
+        if a.profiles_first:
+            run_profiles()
         for w in wls:
             for rep in range(a.repeat):
                 wl_arms = only.get(w, arms)
@@ -472,17 +495,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         result["errors"].append(f"{w} rep {rep} {arm}: {type(e).__name__}: {str(e)[:400]}")
                         print(result["errors"][-1], flush=True)
                 save()
-        for item, arm, w, delay in profiles:
-            if time.time() - t_start > a.deadline_s:
-                result["errors"].append(f"deadline: profile {item} not run")
-                break
-            try:
-                result.setdefault("profiles", {})[item] = profile_once(
-                    servers[arm], target, table[w], a.out / "logs" / f"profile-{w}-{arm}", a.profile_steps,
-                    delay, a.bench_timeout, a.profile_activities.split(","))
-            except Exception as e:
-                result["errors"].append(f"profile {item}: {type(e).__name__}: {str(e)[:400]}")
-            save()
+        if not a.profiles_first:
+            run_profiles()
     except _Deadline:
         pass
     except Exception as e:

@@ -51,7 +51,18 @@ class H(BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(n) or b"{}")
-        if self.path in ("/flush_cache", "/start_profile"):
+        if self.path == "/flush_cache":
+            self._json({})
+            return
+        if self.path == "/start_profile":  # a trace as SGLang's profiler writes it: gzipped chrome JSON
+            import gzip
+            import os
+
+            ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in
+                  [("nvjet_gemm", 0.0, 30.0), ("_fwd_kernel", 40.0, 10.0), ("rmsnorm_kernel", 45.0, 10.0)]]
+            os.makedirs(body["output_dir"], exist_ok=True)
+            with gzip.open(os.path.join(body["output_dir"], f"fake-{a.port}.trace.json.gz"), "wt") as f:
+                json.dump({"traceEvents": ev}, f)
             self._json({})
             return
         if self.path != "/generate":

@@ -108,6 +108,24 @@ def test_decode_profile_table_from_a_chrome_trace(tmp_path):
     assert "| other | 10.0 % |" in decode_profile.markdown("x", t)
 
 
+def test_gpu_timeline_merges_overlaps_and_counts_gaps():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_profile
+
+    k = lambda ts, d: {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": d}  # noqa: E731
+    # [0,10] and [5,20] overlap (two streams) -> 20 busy; [30,40] after a 10 us host gap; a CPU op is ignored
+    ev = [k(30.0, 10.0), k(0.0, 10.0), k(5.0, 15.0), {"ph": "X", "cat": "cpu_op", "name": "x", "ts": 100.0, "dur": 5.0}]
+    tl = decode_profile.gpu_timeline(ev)
+    assert tl == {"span_us": 40.0, "busy_us": 30.0, "busy_share": 0.75}
+    assert decode_profile.gpu_timeline([])["busy_share"] == 0.0
+    both = decode_profile.combine_timelines([tl, {"span_us": 60.0, "busy_us": 60.0, "busy_share": 1.0}])
+    assert both == {"span_us": 100.0, "busy_us": 90.0, "busy_share": 0.9}
+    t = decode_profile.table(decode_profile.kernels(ev), steps=2) | {"timeline": tl}
+    assert "GPU span 20 us/step, busy 75.0 %" in decode_profile.markdown("x", t)
+
+
 def test_whole_benchmark_against_fake_servers(serve, tmp_path, monkeypatch):
     """main(): servers started and polled, SGLang's real bench_serving run in-process per arm and
     repeat, results parsed, compared and reported; a slower arm is found slower."""
@@ -140,6 +158,48 @@ def test_whole_benchmark_against_fake_servers(serve, tmp_path, monkeypatch):
     assert res["servers"]["on"]["pools"]["max_running_requests"] == 77
     assert not res["servers"]["on"]["alive"]  # stopped at the end
     assert "| tiny | on/off |" in (tmp_path / "serve-e2b.md").read_text()
+
+
+def test_only_profile_delay_and_profiles_first_against_fake_servers(serve, tmp_path, monkeypatch):
+    """--only limits a workload to some arms; --profile ARM:WL@S traces a live load (the fake writes a
+    trace), and --profiles-first runs it before the timed repeats."""
+    import sys
+
+    from sglang_gemma4.testing import server as srv
+
+    real = srv.make_server
+    fake = str(ROOT / "test" / "bench" / "fake_sglang_server.py")
+
+    def make(name, model_path, log_dir, args=(), env=None, checks="none", port=None):
+        s = real(name, model_path, log_dir, args, env=env, checks=checks, port=port)
+        s.cmd = [sys.executable, fake, "--model-path", str(model_path), "--port", str(s.port)]
+        return s
+
+    monkeypatch.setattr(srv, "make_server", make)
+    monkeypatch.setitem(serve.WORKLOADS, "tiny", (16, 8, 2, 1))
+    monkeypatch.setitem(serve.WORKLOADS, "tiny2", (16, 8, 2, 1))
+    rc = serve.main(["--model", "e2b", "--arms", "on,off,SGLANG_GEMMA4_YOCO=0", "--workloads", "tiny,tiny2",
+                     "--repeat", "1", "--only", "tiny2=off", "--profile", "off:tiny2@0.2", "--profiles-first",
+                     "--profile-steps", "2", "--out", str(tmp_path), "--bench-timeout", "120"])
+    res = json.loads((tmp_path / "serve-e2b.json").read_text())
+    assert rc == 0 and not res["errors"], res["errors"]
+    assert sorted(res["runs"]["tiny"]) == ["SGLANG_GEMMA4_YOCO=0", "off", "on"]
+    assert sorted(res["runs"]["tiny2"]) == ["off"]
+    prof = res["profiles"]["off:tiny2@0.2"]
+    assert prof["shares"]["gemm"] == pytest.approx(0.6) and prof["timeline"]["busy_share"] == pytest.approx(45 / 55, abs=1e-3)  # [0,30] + [40,55]
+    assert prof["load"]["completed"] == 2
+    # traced before any timed repeat (a deadline then cuts repeats, not traces)
+    logs = tmp_path / "logs"
+    first_timed = min(f.stat().st_mtime for f in logs.glob("tiny-*-0.log"))
+    assert (logs / "profile-tiny2-off.log").stat().st_mtime < first_timed
+
+
+def test_bad_only_and_profile_items_fail_before_servers_start(serve, tmp_path):
+    for argv in (["--only", "tiny=nope"], ["--only", "other=on"], ["--only", "chat_c1"],
+                 ["--profile", "on:chat_c1@-1"], ["--profile", "on:chat_c1@x"], ["--profile", "spec:chat_c1"]):
+        with pytest.raises(SystemExit):
+            serve.main(["--model", "e2b", "--arms", "on,off", "--workloads", "chat_c1", "--out", str(tmp_path), *argv])
+    assert not (tmp_path / "models").exists()  # no config written, no server started
 
 
 def test_bench_serving_imports_without_hf_datasets():
