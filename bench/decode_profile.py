@@ -22,7 +22,9 @@ from typing import Any, Dict, Iterable, List, Tuple
 # First match wins; patterns are matched against the lower-cased kernel name ("gemma" is not a GEMM).
 CATEGORIES: Tuple[Tuple[str, str], ...] = (
     ("moe", r"fused_moe|moe_align|moe_sum|expert|silu_and_mul_moe|grouped_gemm|moe_"),
-    ("attention", r"attn|attention|_fwd_kernel|flash|decode_grouped|extend|fmha|paged"),
+    # triton backend: _fwd_grouped_kernel_stage1/_fwd_kernel_stage2 (decode), get_num_kv_splits; KV writes
+    ("attention", r"attn|attention|_fwd_kernel|_fwd_grouped_kernel|num_kv_splits|flash|decode_grouped|extend|fmha|paged"),
+    ("kv store", r"store_kvcache|set_kv_buffer"),
     ("gemm", r"gemm(?!a)|cutlass|xmma|cublas|nvjet|matmul|sm90_|splitk|ampere_|hopper_"),
     ("memcpy/memset", r"^memcpy|^memset|copy_kernel|cudamemcpy"),
 )
@@ -35,6 +37,7 @@ LAUNCHERS: Tuple[Tuple[str, str], ...] = (
     (r"routing|topk|softmax", "MoE routing / sampling softmax"),
     (r"softcap|tanh", "final logit soft-capping"),
     (r"argmax|sampling|sample", "sampler"),
+    (r"triton_per_fused_copy__mul_sum", "MoE top-k sum (SGLang triton_utils/fused_moe.py moe_sum_reduce_torch_compile, Inductor; small batches)"),
     (r"elementwise|vectorized|unrolled|reduce_kernel|index|scatter|gather|cat", "torch elementwise/index ops"),
 )
 
