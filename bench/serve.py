@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -217,8 +218,17 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
         traces = sorted(p for p in d.rglob("*") if p.suffix in (".json", ".gz") and p.stat().st_size > 0)
     if not traces:
         raise RuntimeError(f"no trace written under {d}")
-    time.sleep(3)  # let the writer finish
-    evs = [decode_profile.load_events(p) for p in traces]
+    evs = None
+    while evs is None:  # the server may still be writing (a gz read early ends in EOFError)
+        sizes = [p.stat().st_size for p in traces]
+        time.sleep(3)
+        try:
+            if sizes == [p.stat().st_size for p in traces]:
+                evs = [decode_profile.load_events(p) for p in traces]
+        except (EOFError, json.JSONDecodeError, OSError, zlib.error):
+            evs = None
+        if evs is None and time.time() > deadline + 60:
+            raise RuntimeError(f"trace under {d} still incomplete after 150 s")
     t = decode_profile.table([k for ev in evs for k in decode_profile.kernels(ev)], steps)
     t["timeline"] = decode_profile.combine_timelines([decode_profile.gpu_timeline(ev) for ev in evs])
     t["traces"] = [p.name for p in traces]

@@ -72,13 +72,14 @@ case "${1:-}" in
       --profile "${SERVE_PROFILE-on:chat_c1,off:chat_c1,on:chat_c16@0.8,on:ctx8k_c1@3,on:ctx8k_c16@8}" --profiles-first \
       --out "$OUT/prof-26b" 2>&1 | tee "$OUT/prof-26b.txt" ;;
   e4b-all) # issues #17/#19/#20 in one call: E4B on/off (c16 TTFT question, c1 TPOT), FROZEN_KV_MTP V2=1/0 at
-    # batch 1/8/16 (overlap vs sync), decode-step profiles
+    # batch 1/8 (overlap vs sync), decode-step profiles (GPU activity only: with CPU activity the 42-layer server
+    # stalled >240 s writing its trace; traced after the timed runs so a stalled trace cannot cost them)
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
     $PY bench/serve.py --model e4b --arms "on,off,$V1,$V0" --repeat 3 --max-total-tokens 100000 --mem-fraction-static 0.88 \
       --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" --deadline-s "${SERVE_DEADLINE_S:-470}" \
       --workloads "${SERVE_WORKLOADS:-ttft_c16,chat_c1,chat_c8}" \
       --only "ttft_c16=on|off" --only "chat_c1=on|off|$V1" --only "chat_c8=on|$V1|$V0" \
-      --profile "${SERVE_PROFILE-on:chat_c1,$V1:chat_c8@0.8,$V0:chat_c8@0.8}" --profile-activities CPU,GPU --profiles-first \
+      --profile "${SERVE_PROFILE-on:chat_c1,$V1:chat_c8@0.8,$V0:chat_c8@0.8}" --bench-timeout 90 \
       --out "$OUT/e4b-all" 2>&1 | tee "$OUT/e4b-all.txt" ;;
   bench-spec) # issue #5: FROZEN_KV_MTP spec-v2 overlap vs synchronous, tokens/s
     $PY bench/e2e.py --with-spec --variants agree_target,dense_ple --ab SGLANG_FROZEN_KV_MTP_V2=0,1 --batch 1,8 --repeat 3 --parallel 1 \
