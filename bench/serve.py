@@ -348,7 +348,7 @@ def write_report(result: Dict[str, Any], json_path: Path) -> None:
 
         md += ["", "## Decode-step kernel profile (torch profiler on the live server)", ""]
         for item, t in result["profiles"].items():
-            md.append(decode_profile.markdown(item, t))
+            md.append(decode_profile.markdown(item, decode_profile.reclassify(t)))
     if result.get("errors"):
         md += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
     json_path.with_suffix(".md").write_text("\n".join(md) + "\n")

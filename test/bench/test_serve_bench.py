@@ -106,6 +106,16 @@ def test_decode_profile_table_from_a_chrome_trace(tmp_path):
     assert names == ["_triple_rmsnorm_kernel", "gemma_rmsnorm_kernel"]
     assert t["other_kernels"][0]["launched_by"] == "sglang-gemma4 fused_triple_norm"
     assert "| other | 10.0 % |" in decode_profile.markdown("x", t)
+    # a table recorded before a pattern existed: listed "other" kernels move to their category now
+    old = {"steps": 2, "kernel_us_per_step": 50.0, "shares": {"gemm": 0.6, "other": 0.4},
+           "other_kernels": [{"name": "_fwd_grouped_kernel_stage1", "share": 0.3, "launched_by": "?"},
+                             {"name": "mystery_kernel", "share": 0.1, "launched_by": "?"}]}
+    assert decode_profile.category("void flashinfer::norm::GemmaFusedAddRMSNormKernel<8u, __nv_bfloat16>(...)") == "other"
+    assert decode_profile.category("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention"
+    assert decode_profile.category("void flash_fwd_splitkv_kernel<...>") == "attention"
+    r = decode_profile.reclassify(old)
+    assert r["shares"] == {"gemm": 0.6, "attention": 0.3, "other": 0.1}
+    assert [k["name"] for k in r["other_kernels"]] == ["mystery_kernel"]
 
 
 def test_gpu_timeline_merges_overlaps_and_counts_gaps():
