@@ -257,7 +257,8 @@ def compare(result: Dict[str, Any], base: str = "off") -> Dict[str, Any]:
             continue
         b = arms[base]
         for arm, m in arms.items():
-            if arm == base or arm.startswith("spec"):
+            # spec arms against a plain base are a step-cost question (spec_breakeven), not a ratio
+            if arm == base or (arm.startswith("spec") and not base.startswith("spec")):
                 continue
             row = {}
             for k in LOWER_IS_BETTER + ("output_throughput",):
@@ -328,7 +329,7 @@ def write_report(result: Dict[str, Any], json_path: Path) -> None:
                       f"{g('median_tpot_ms', '{:.2f}')} / {g('p99_tpot_ms', '{:.2f}')} | {g('median_itl_ms', '{:.2f}')} | "
                       f"{g('output_throughput', '{:.0f}')} | {g('duration', '{:.2f}')} | {g('accept_length', '{:.2f}')} | "
                       f"{m['median_tpot_ms']['spread']:.3f} |" if "median_tpot_ms" in m else f"| {wl} | {arm} | (failed) |")
-    md += ["", "## Ratios (arm / off; < 1 is faster for times)", "",
+    md += ["", f"## Ratios (arm / {result.get('base', 'off')}; < 1 is faster for times)", "",
            "| workload | arms | TTFT med | TTFT p99 | TPOT med | duration | out tok/s | worse beyond spread |", "|---|---|---|---|---|---|---|---|"]
     for wl, rows in result["compare"].items():
         for pair, r in rows.items():
@@ -400,6 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="trace before the timed workloads, so a deadline cuts repeats rather than profiles")
     ap.add_argument("--only", action="append", default=[], metavar="WORKLOAD=ARM|ARM",
                     help="run WORKLOAD on these arms only (repeatable), e.g. chat_c8=on|spec+SGLANG_FROZEN_KV_MTP_V2=1")
+    ap.add_argument("--base", default="off", help="the arm every other arm's ratios are taken against")
     ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
     a = ap.parse_args(argv)
@@ -416,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if bad:
         ap.error(f"unknown workloads {bad}; known: {', '.join(table)}")
     arms = [x for x in a.arms.split(",") if x]
+    if a.base not in arms and a.base != "off":
+        ap.error(f"--base {a.base!r} is not one of the arms {arms}")
     profiles = []  # (item, arm, workload, delay s): fail before any server starts
     for item in [x for x in a.profile.split(",") if x]:
         parm, _, pw = item.rpartition(":")
@@ -452,13 +456,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "versions": versions(), "repeat": a.repeat, "server_args": base_args, "memory": memory,
         "workloads": {w: table[w] for w in wls}, "runs": {}, "servers": {}, "errors": [], "note": a.note,
         # knobs every arm inherits (arms' own env is per server below)
+        "base": a.base,
         "common_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SGLANG_") or k.startswith("SGL_")},
     }
     json_path = a.out / f"serve-{a.model}.json"
 
     def save():
         result["summary"] = {w: {arm: summarise(rs) for arm, rs in by.items() if rs} for w, by in result["runs"].items()}
-        result["compare"] = compare(result)
+        result["compare"] = compare(result, result["base"])
         result["spec"] = spec_breakeven(result)
         for arm, s in servers.items():
             result["servers"][arm] = {"env": s.env, "ready_s": s.ready_s, "pools": s.pool_sizes(),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b|prof-26b|e4b-all
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -130,9 +130,15 @@ case "${1:-}" in
       --deadline-s "${SERVE_DEADLINE_S:-480}" --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16,chat_c48}" \
       --profile "${SERVE_PROFILE:-spec+SGLANG_FROZEN_KV_MTP_V2=1:chat_c8,spec+SGLANG_FROZEN_KV_MTP_V2=0:chat_c8}" \
       --profile-activities CPU,GPU --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
+  mtp-e4b-v2) # issue #19: overlap (V2=1) vs synchronous (V2=0) FROZEN_KV_MTP at full E4B size, the two spec servers
+    # only (fits a short call); ratios V2=1 / V2=0
+    V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
+    $PY bench/serve.py --model e4b --arms "$V1,$V0" --base "$V0" --repeat 3 --max-total-tokens 100000 --mem-fraction-static 0.88 \
+      --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" --deadline-s "${SERVE_DEADLINE_S:-400}" --bench-timeout 60 \
+      --workloads "${SERVE_WORKLOADS:-chat_c8,chat_c1}" --out "$OUT/mtp-e4b-v2" 2>&1 | tee "$OUT/mtp-e4b-v2.txt" ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-26b|prof-26b|e4b-all"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all"; exit 2 ;;
 esac

@@ -55,6 +55,11 @@ def test_compare_flags_only_what_is_worse_beyond_spread(serve, tmp_path):
     assert cmp["median_ttft_ms"]["ratio"] == pytest.approx(1.2) and not cmp["median_ttft_ms"]["worse_beyond_spread"]
     res["summary"]["w"]["on"]["median_ttft_ms"]["spread"] = 0.01
     assert serve.compare(res)["w"]["on/off"]["median_ttft_ms"]["worse_beyond_spread"]
+    # against a spec base (V2=1 vs V2=0), spec arms are compared like any other
+    runs2 = {"w": {"spec+A=1": [_run(4.0, 100)] * 3, "spec+A=0": [_run(5.0, 100)] * 3, "on": [_run(3.0, 90)] * 3}}
+    res2 = {"summary": {w: {a: serve.summarise(rs) for a, rs in by.items()} for w, by in runs2.items()}}
+    c2 = serve.compare(res2, "spec+A=0")["w"]
+    assert c2["spec+A=1/spec+A=0"]["median_tpot_ms"]["ratio"] == pytest.approx(0.8) and "on/spec+A=0" in c2
     be = serve.spec_breakeven(res)["w"]["spec"]
     assert be["break_even_accept_length"] == pytest.approx(4.0 / 5.0, abs=1e-3)
     res.update(model="e4b", model_summary={}, date="d", versions={"gpu": "G"}, repeat=3, server_args=["--x"],
