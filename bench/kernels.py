@@ -64,10 +64,19 @@ def _import_sglang():
     try:
         from sglang.kernels.ops.layernorm.gemma4_fused_ops import (
             gemma4_fused_routing,
+            gemma_dual_rmsnorm_residual_scalar,
             gemma_rmsnorm_residual_scalar,
         )
 
-        return {"routing": gemma4_fused_routing, "rmsnorm_residual_scalar": gemma_rmsnorm_residual_scalar}, None
+        ops = {"routing": gemma4_fused_routing, "rmsnorm_residual_scalar": gemma_rmsnorm_residual_scalar,
+               "dual_tail": gemma_dual_rmsnorm_residual_scalar}
+        try:  # the next layer's input norm as SGLang runs it on CUDA (RMSNorm.forward_cuda)
+            from sgl_kernel import rmsnorm as sgl_rmsnorm
+
+            ops["rmsnorm"] = sgl_rmsnorm
+        except Exception:  # noqa: BLE001
+            pass
+        return ops, None
     except Exception as e:  # noqa: BLE001 - any import failure means "n/a"
         return None, f"{type(e).__name__}: {e}"
 
@@ -95,6 +104,19 @@ def rmsnorm_residual_scalar_eager(x, w, r, s):
 
 def gelu_mul_eager(g, p):
     return torch.nn.functional.gelu(g, approximate="tanh") * p
+
+
+def _sglang_tail_next_norm(sgl):
+    """SGLang 0.5.17 at a MoE layer boundary: its dual-norm tail, then the next input norm."""
+    if not sgl or "dual_tail" not in sgl:
+        return None
+    norm = sgl.get("rmsnorm")
+
+    def run(h1, w1, h2, w2, w3, r, s, w_in):
+        out = sgl["dual_tail"](h1, w1, h2, w2, w3, r, s, EPS, EPS, EPS)
+        return out, (norm(out, w_in, EPS) if norm and out.is_cuda else _rms(out, w_in))
+
+    return run
 
 
 def triple_eager(a, r, w_post, w_ff, w_ff2, router):
@@ -127,6 +149,10 @@ def _ops(k, sgl):
 
     def triple_args(T):
         return (rn(T, H_TRIPLE), rn(T, H_TRIPLE)) + tuple(rn(H_TRIPLE) for _ in range(4))
+
+    def tail_args(T):
+        return (rn(T, H_TRIPLE), rn(H_TRIPLE), rn(T, H_TRIPLE), rn(H_TRIPLE), rn(H_TRIPLE), rn(T, H_TRIPLE),
+                torch.tensor([0.8], device=dev, dtype=dt), rn(H_TRIPLE))
 
     ops = {
         "routing": dict(
@@ -173,6 +199,17 @@ def _ops(k, sgl):
             ours=lambda *a: k.gemma_post_attn_triple_rmsnorm(*a, EPS),
             eager=triple_eager,
             sglang=None,
+        ),
+        # issue #20: the 26B MoE tail + the next layer's input norm (2 launches in SGLang, 1 here)
+        "moe_tail_next_norm": dict(
+            width=f"H={H_TRIPLE}",
+            make=tail_args,
+            bytes=lambda T: 5 * T * H_TRIPLE * 2 + 4 * H_TRIPLE * 2 + 2,
+            ref=lambda *a: k.gemma_moe_tail_next_norm_ref(*a),
+            ours=lambda *a: k.gemma_moe_tail_next_norm(*a),
+            # torch in fp32 with one rounding per output (the kernel's contract); Inductor compiles it
+            eager=lambda *a: k.gemma_moe_tail_next_norm_ref(*a),
+            sglang=_sglang_tail_next_norm(sgl),
         ),
     }
     return ops

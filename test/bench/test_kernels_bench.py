@@ -28,7 +28,7 @@ def ops(monkeypatch):
 @pytest.mark.parametrize("T", [1, 5])
 def test_every_op_passes_the_bench_sanity_check(ops, T):
     assert set(ops) == {"routing", "rmsnorm_add", "rmsnorm_residual_scalar", "gelu_tanh_mul",
-                        "post_attn_triple_rmsnorm"}
+                        "post_attn_triple_rmsnorm", "moe_tail_next_norm"}
     for name, op in ops.items():
         args = op["make"](T)
         ok, err = kb._sanity(name, op["ours"](*args), op["ref"](*args))
@@ -36,6 +36,23 @@ def test_every_op_passes_the_bench_sanity_check(ops, T):
         assert op["bytes"](T) > 0
         cfg = kb._launch_config(name, T)
         assert cfg is None or all(v is not None for v in cfg.values())
+        if name == "moe_tail_next_norm":  # its eager/Inductor baseline computes the same contract
+            ok, err = kb._sanity(name, op["eager"](*args), op["ref"](*args))
+            assert ok, (name, "eager", err)
+
+
+def test_sglang_baseline_of_the_tail_matches_ours(monkeypatch):
+    """The SGLang arm of moe_tail_next_norm (its dual-norm tail + the next input norm) computes
+    what ours does (SGLang's kernels run in the interpreter on CPU too)."""
+    sgl, err = kb._import_sglang()
+    if sgl is None:
+        pytest.skip(err)
+    monkeypatch.setattr(kb, "DEV", "cpu")
+    op = kb._ops(kb._import_ours(), sgl)["moe_tail_next_norm"]
+    assert op["sglang"] is not None
+    args = op["make"](3)
+    ok, e = kb._sanity("moe_tail_next_norm", op["sglang"](*args), op["ref"](*args))
+    assert ok, e
 
 
 @pytest.mark.parametrize("name,configs,call", [

@@ -7,6 +7,8 @@ Ops (each in its own module, with a plain-torch fp32 ``*_ref`` beside it):
   :func:`gemma_gelu_tanh_mul` -- the per-layer-embedding tail of the decoder layer.
 * :func:`gemma_post_attn_triple_rmsnorm` -- post-attention norm + residual and the
   three norms of the MoE layers, one launch.
+* :func:`gemma_moe_tail_next_norm` -- the MoE layer's post-FF tail and the next
+  layer's input RMSNorm, one launch.
 
 On a machine without a GPU the kernels run under the Triton interpreter: set
 ``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is first imported
@@ -28,6 +30,8 @@ _EXPORTS = {
     "gemma_gelu_tanh_mul_ref": "ple_tail",
     "gemma_post_attn_triple_rmsnorm": "triple_rmsnorm",
     "gemma_post_attn_triple_rmsnorm_ref": "triple_rmsnorm",
+    "gemma_moe_tail_next_norm": "tail_next_norm",
+    "gemma_moe_tail_next_norm_ref": "tail_next_norm",
 }
 __all__ = list(_EXPORTS)
 

@@ -142,16 +142,22 @@ def sglang_dense_tail(layer, hidden_states, residual, per_layer_input):
     return _unfused_tail(layer, hidden_states, residual, per_layer_input)
 
 
+def sglang_input_norm(layer, hidden_states):
+    """Layer input -> normed input for attention (0.5.17: ``input_layernorm``)."""
+    return layer.input_layernorm(hidden_states)
+
+
 # slot -> 0.5.17's code for it (what runs when no fusion fills the slot)
 SLOTS: Dict[str, Callable] = {
+    "input_norm": sglang_input_norm,  # fused_next_input_norm (the norm the previous layer made)
     "moe_post_attn": sglang_moe_post_attn,  # fused_triple_norm
-    "moe_tail": sglang_moe_tail,
+    "moe_tail": sglang_moe_tail,  # fused_next_input_norm
     "dense_tail": sglang_dense_tail,  # fused_ple
 }
 # the slots each branch of the forward passes through
 BRANCH_SLOTS = {
-    "moe": ("moe_post_attn", "moe_tail"),
-    "dense": ("dense_tail",),
+    "moe": ("input_norm", "moe_post_attn", "moe_tail"),
+    "dense": ("input_norm", "dense_tail"),
 }
 
 
@@ -165,7 +171,7 @@ def fused_forward(layer, positions, hidden_states, per_layer_input, forward_batc
         return SLOTS[name] if fusion is None else fusion.run
 
     residual = hidden_states
-    hidden_states = layer.input_layernorm(hidden_states)
+    hidden_states = slot("input_norm")(layer, hidden_states)
     attn_out = layer.self_attn(
         positions=positions, hidden_states=hidden_states, forward_batch=forward_batch
     )
@@ -228,17 +234,20 @@ def registered_hook() -> Optional[LayerForward]:
     return None
 
 
-def enable(patch, fusion: Fusion) -> None:
-    """From ``patch.register``: add ``fusion`` to the shared hook, registering it if none is."""
+def enable(patch, *fusions: Fusion) -> None:
+    """From ``patch.register``: add ``fusions`` to the shared hook, registering it if none is.
+
+    Pass all of a patch's fusions in one call: ``Patch.hook`` only queues a hook (the registry
+    registers it after ``register`` returns), so a second call would not find the first's.
+    """
     from sglang.srt.plugins.hook_registry import HookType
 
     hook = registered_hook()
-    if hook is not None:
+    if hook is None:
+        hook = LayerForward()
+        patch.hook(TARGET, hook, HookType.AROUND)
+    for fusion in fusions:
         hook.add(fusion)
-        return
-    hook = LayerForward()
-    hook.add(fusion)
-    patch.hook(TARGET, hook, HookType.AROUND)
 
 
 # ----------------------------------------------------------------- shared checks
