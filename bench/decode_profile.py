@@ -63,6 +63,36 @@ def kernels(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, float]]:
     return out
 
 
+# One greedy sample per scheduler step ends every step's kernel stream (torch argmax over the logits).
+STEP_END = r"argmaxops|argmax"
+# A step that ran a prefill/extend chunk (triton backend's extend kernel, flashinfer's prefill).
+PREFILL = r"^_fwd_kernel$|extend|batchprefill|prefill"
+
+
+def split_steps(events: Iterable[Dict[str, Any]]) -> List[List[Tuple[str, float]]]:
+    """The traced kernels cut into scheduler steps, each ending at its sampler argmax (time order).
+
+    Kernels after the last argmax (a step cut off by the end of the trace) are dropped. No argmax
+    at all (e.g. sampling without argmax) -> [] and callers fall back to the whole window.
+    """
+    ks = sorted((float(e.get("ts", 0.0)), str(e.get("name", "?")), float(e.get("dur", 0.0))) for e in events
+                if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset"))
+    steps, cur = [], []
+    for _, name, dur in ks:
+        cur.append((name, dur))
+        if re.search(STEP_END, name.lower()):
+            steps.append(cur)
+            cur = []
+    return steps
+
+
+def decode_only(steps: List[List[Tuple[str, float]]], top: int = 25) -> Dict[str, Any]:
+    """The table over the steps that ran no prefill kernel (a mixed window's clean decode figure)."""
+    dec = [st for st in steps if not any(re.search(PREFILL, n.lower()) for n, _ in st)]
+    t = table([k for st in dec for k in st], len(dec), top) if dec else {}
+    return t | {"decode_steps": len(dec), "prefill_steps": len(steps) - len(dec)}
+
+
 def gpu_timeline(events: Iterable[Dict[str, Any]]) -> Dict[str, float]:
     """GPU span (first kernel start to last kernel end) and busy time (union of kernel intervals).
 
@@ -142,6 +172,11 @@ def combine_timelines(tls: List[Dict[str, float]]) -> Dict[str, float]:
 
 def markdown(title: str, t: Dict[str, Any]) -> str:
     head = f"{t['steps']} steps traced, {t['kernel_us_per_step']} us of kernel time per step."
+    d = t.get("decode_only")
+    if d and d.get("decode_steps"):
+        head += (f" Steps with no prefill kernel: {d['decode_steps']} (and {d['prefill_steps']} with one), "
+                 f"{d['kernel_us_per_step']} us per decode step: " +
+                 ", ".join(f"{c} {v * 100:.1f} %" for c, v in d["shares"].items()) + ".")
     if t.get("timeline"):
         tl = t["timeline"]
         head += (f" GPU span {tl['span_us'] / max(t['steps'], 1):.0f} us/step, busy {tl['busy_share'] * 100:.1f} % of it"
@@ -167,6 +202,8 @@ def main(argv=None) -> int:
         return 1
     t = table(ks, a.steps)
     t["timeline"] = combine_timelines([gpu_timeline(ev) for ev in evs])
+    if len(evs) == 1:
+        t["decode_only"] = decode_only(split_steps(evs[0]))
     if a.out:
         a.out.write_text(json.dumps(t, indent=1))
     print(markdown(", ".join(p.name for p in a.traces), t))

@@ -231,6 +231,8 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
             raise RuntimeError(f"trace under {d} still incomplete after 150 s")
     t = decode_profile.table([k for ev in evs for k in decode_profile.kernels(ev)], steps)
     t["timeline"] = decode_profile.combine_timelines([decode_profile.gpu_timeline(ev) for ev in evs])
+    if len(evs) == 1:  # one rank: cut into steps, and the decode-only table beside the window's
+        t["decode_only"] = decode_profile.decode_only(decode_profile.split_steps(evs[0]))
     t["traces"] = [p.name for p in traces]
     t["load"] = box.get("r")
     for p in traces:

@@ -123,6 +123,30 @@ def test_decode_profile_table_from_a_chrome_trace(tmp_path):
     assert [k["name"] for k in r["other_kernels"]] == ["mystery_kernel"]
 
 
+def test_steps_split_at_the_sampler_and_prefill_steps_are_set_apart():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_profile
+
+    argmax = "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>, ...>"
+    seq = [("nvjet_gemm", 10.0), ("_fwd_grouped_kernel_stage1", 5.0), (argmax, 1.0),      # decode step
+           ("nvjet_gemm", 40.0), ("_fwd_kernel", 30.0), (argmax, 1.0),                     # prefill chunk
+           ("nvjet_gemm", 12.0), ("_fwd_grouped_kernel_stage1", 5.0), (argmax, 1.0),      # decode step
+           ("nvjet_gemm", 99.0)]                                                          # cut off: dropped
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": float(i), "dur": d} for i, (n, d) in enumerate(seq)]
+    ev = ev[::-1]  # trace order is not time order
+    steps = decode_profile.split_steps(ev)
+    assert [len(st) for st in steps] == [3, 3, 3]
+    d = decode_profile.decode_only(steps)
+    assert (d["decode_steps"], d["prefill_steps"]) == (2, 1)
+    assert d["kernel_us_per_step"] == 17.0  # (16 + 18) / 2
+    assert d["shares"]["gemm"] == pytest.approx(22 / 34, abs=1e-4)
+    assert decode_profile.split_steps([e for e in ev if "ArgMax" not in e["name"]]) == []
+    t = decode_profile.table(decode_profile.kernels(ev), steps=3) | {"decode_only": d}
+    assert "Steps with no prefill kernel: 2 (and 1 with one), 17.0 us per decode step" in decode_profile.markdown("x", t)
+
+
 def test_gpu_timeline_merges_overlaps_and_counts_gaps():
     import sys
 
