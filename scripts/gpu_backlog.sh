@@ -132,7 +132,8 @@ case "${1:-}" in
       --profile-activities CPU,GPU --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
   fnin-26b) # issue #20: fused_next_input_norm (default off) A/B on full-depth 26B-A4B, equal static budgets:
     # its kernel/patch GPU tests first, then c1 TPOT and the decode profile of both arms
-    $PY -m pytest test/kernels/test_tail_next_norm.py test/patches/test_fused_next_input_norm.py -q -rfE 2>&1 | tee "$OUT/fnin-tests.txt"
+    $PY -m pytest test/kernels/test_tail_next_norm.py test/patches/test_fused_next_input_norm.py \
+      test/gpu/test_fused_layers_gpu.py -k "next_input_norm or tail_next_norm" -q -rfE 2>&1 | tee "$OUT/fnin-tests.txt"
     F=SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM=1
     $PY bench/serve.py --model 26b --arms "on,$F" --base on --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
       --deadline-s "${SERVE_DEADLINE_S:-420}" --extra-server-args "--max-running-requests 24 ${SERVE_EXTRA:-}" \

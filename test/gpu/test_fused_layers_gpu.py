@@ -121,6 +121,68 @@ def test_layer_forward_captures_in_cuda_graph(tp1, monkeypatch):
     torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
 
 
+def _two_moe_layers(monkeypatch, hidden):
+    monkeypatch.setattr(cpu, "H", hidden)
+    torch.manual_seed(1234)
+    layers = [cpu.build_layer(monkeypatch, moe=True, ple=False, dtype=torch.bfloat16, seed=s) for s in (0, 1)]
+    layers[1].layer_id = 1
+    for layer in layers:  # no discrete expert choice for bf16 rounding to flip (see the CPU test)
+        layer.moe.top_k = 8
+    return layers
+
+
+def _chain(layers, x):
+    h = x
+    for layer in layers:
+        h, _ = layer(positions=None, hidden_states=h, per_layer_input=None, forward_batch=None)
+    return h
+
+
+@pytest.mark.parametrize("T", [1, 8, 333])
+def test_next_input_norm_chain_cuda(tp1, monkeypatch, T):
+    """fused_next_input_norm at 26B width: two real layers on vs off, with fused_triple_norm on."""
+    from sglang_gemma4.patches import fused_next_input_norm as fnin
+    from sglang_gemma4.patches import fused_triple_norm
+    from sglang_gemma4.testing.hooks import patch_applied
+
+    layers = _two_moe_layers(monkeypatch, 2816)
+    x = torch.randn(T, 2816, generator=torch.Generator().manual_seed(T)).to("cuda", torch.bfloat16)
+    with torch.no_grad(), patch_applied(fused_triple_norm.PATCH, {}):
+        ref = _chain(layers, x.clone())
+        fnin.link_layers(layers)
+        with patch_applied(fnin.PATCH, {"SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM": "1"}):
+            out = _chain(layers, x.clone())
+    _bf16_close(out, ref)
+
+
+def test_next_input_norm_chain_in_cuda_graph(tp1, monkeypatch):
+    """The handoff is decided at capture; replays with new inputs equal the eager fused chain."""
+    from sglang_gemma4.patches import fused_next_input_norm as fnin
+    from sglang_gemma4.testing.hooks import patch_applied
+
+    layers = _two_moe_layers(monkeypatch, 2816)
+    fnin.link_layers(layers)
+    x = torch.randn(8, 2816, device="cuda", dtype=torch.bfloat16)
+    with patch_applied(fnin.PATCH, {"SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM": "1"}), torch.no_grad():
+        _chain(layers, x.clone())  # warm-up (Triton JIT)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            _chain(layers, static_x.clone())
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _chain(layers, static_x)
+        assert fnin._HANDOFF.get(layers[1]) is None  # consumed at capture
+        x2 = torch.randn_like(x)
+        eager = _chain(layers, x2.clone())
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, eager, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- engine level
 
 
