@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fnin-26b
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -130,15 +130,18 @@ case "${1:-}" in
       --deadline-s "${SERVE_DEADLINE_S:-480}" --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16,chat_c48}" \
       --profile "${SERVE_PROFILE:-spec+SGLANG_FROZEN_KV_MTP_V2=1:chat_c8,spec+SGLANG_FROZEN_KV_MTP_V2=0:chat_c8}" \
       --profile-activities CPU,GPU --out "$OUT/mtp-e4b" 2>&1 | tee "$OUT/mtp-e4b.txt" ;;
-  fnin-26b) # issue #20: fused_next_input_norm (default off) A/B on full-depth 26B-A4B, equal static budgets:
-    # its kernel/patch GPU tests first, then c1 TPOT and the decode profile of both arms
-    $PY -m pytest test/kernels/test_tail_next_norm.py test/patches/test_fused_next_input_norm.py \
-      test/gpu/test_fused_layers_gpu.py -k "next_input_norm or tail_next_norm" -q -rfE 2>&1 | tee "$OUT/fnin-tests.txt"
-    F=SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM=1
-    $PY bench/serve.py --model 26b --arms "on,$F" --base on --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
+  fusion-ab) # issue #20: the default-off fusions' GPU tests, then one of them A/B'd on a full-depth model:
+    # FUSION=SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM (26B MoE layers) or SGLANG_GEMMA4_FUSED_QKV_NORM_ROPE (any model),
+    # SERVE_MODEL=26b (equal 62 GiB static budgets) or e4b; c1 TPOT at 1k/8k and the decode profile of both arms
+    $PY -m pytest test/kernels/test_tail_next_norm.py test/kernels/test_qkv_norm_rope.py \
+      test/patches/test_fused_next_input_norm.py test/patches/test_fused_qkv_norm_rope.py \
+      test/gpu/test_fused_layers_gpu.py -k "next_input_norm or tail_next_norm or qkv_norm_rope" -q -rfE 2>&1 | tee "$OUT/fusion-tests.txt"
+    F="${FUSION:-SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM}=1"; M="${SERVE_MODEL:-26b}"
+    MEM="--static-gib ${SERVE_STATIC_GIB:-62}"; [ "$M" = 26b ] || MEM="--max-total-tokens 100000 --mem-fraction-static 0.88"
+    $PY bench/serve.py --model "$M" --arms "on,$F" --base on $MEM --repeat 3 \
       --deadline-s "${SERVE_DEADLINE_S:-420}" --extra-server-args "--max-running-requests 24 ${SERVE_EXTRA:-}" \
       --workloads "${SERVE_WORKLOADS:-chat_c1,ctx8k_c1}" --profile "on:ctx8k_c1@3,$F:ctx8k_c1@3" --profiles-first \
-      --out "$OUT/fnin-26b" 2>&1 | tee "$OUT/fnin-26b.txt" ;;
+      --out "$OUT/fusion-ab" 2>&1 | tee "$OUT/fusion-ab.txt" ;;
   mtp-e4b-v2) # issue #19: overlap (V2=1) vs synchronous (V2=0) FROZEN_KV_MTP at full E4B size, the two spec servers
     # only (fits a short call); ratios V2=1 / V2=0
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
@@ -149,5 +152,5 @@ case "${1:-}" in
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fnin-26b"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
 esac

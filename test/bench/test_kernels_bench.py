@@ -28,16 +28,16 @@ def ops(monkeypatch):
 @pytest.mark.parametrize("T", [1, 5])
 def test_every_op_passes_the_bench_sanity_check(ops, T):
     assert set(ops) == {"routing", "rmsnorm_add", "rmsnorm_residual_scalar", "gelu_tanh_mul",
-                        "post_attn_triple_rmsnorm", "moe_tail_next_norm"}
+                        "post_attn_triple_rmsnorm", "moe_tail_next_norm", "qkv_norm_rope"}
     for name, op in ops.items():
         args = op["make"](T)
-        ok, err = kb._sanity(name, op["ours"](*args), op["ref"](*args))
+        ok, err = kb.sanity_check(name, op, args)
         assert ok, (name, err)
         assert op["bytes"](T) > 0
         cfg = kb._launch_config(name, T)
         assert cfg is None or all(v is not None for v in cfg.values())
-        if name == "moe_tail_next_norm":  # its eager/Inductor baseline computes the same contract
-            ok, err = kb._sanity(name, op["eager"](*args), op["ref"](*args))
+        if name in ("moe_tail_next_norm", "qkv_norm_rope"):  # eager/Inductor baselines of the same contract
+            ok, err = kb.sanity_check(name, {**op, "ours": op["eager"]}, args)
             assert ok, (name, "eager", err)
 
 

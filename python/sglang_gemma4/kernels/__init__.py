@@ -7,6 +7,8 @@ Ops (each in its own module, with a plain-torch fp32 ``*_ref`` beside it):
   :func:`gemma_gelu_tanh_mul` -- the per-layer-embedding tail of the decoder layer.
 * :func:`gemma_post_attn_triple_rmsnorm` -- post-attention norm + residual and the
   three norms of the MoE layers, one launch.
+* :func:`gemma_qkv_norm_rope_` -- per-head q/k/v RMSNorm and NeoX RoPE of q/k,
+  in place, one launch.
 * :func:`gemma_moe_tail_next_norm` -- the MoE layer's post-FF tail and the next
   layer's input RMSNorm, one launch.
 
@@ -30,6 +32,8 @@ _EXPORTS = {
     "gemma_gelu_tanh_mul_ref": "ple_tail",
     "gemma_post_attn_triple_rmsnorm": "triple_rmsnorm",
     "gemma_post_attn_triple_rmsnorm_ref": "triple_rmsnorm",
+    "gemma_qkv_norm_rope_": "qkv_norm_rope",
+    "gemma_qkv_norm_rope_ref": "qkv_norm_rope",
     "gemma_moe_tail_next_norm": "tail_next_norm",
     "gemma_moe_tail_next_norm_ref": "tail_next_norm",
 }
