@@ -145,6 +145,14 @@ def table(ks: List[Tuple[str, float]], steps: int, top: int = 25) -> Dict[str, A
         "other_kernels": [{"name": n[:160], "share": round(t / total, 4), "calls_per_step": round(c / max(steps, 1), 1),
                            "us_per_step": round(t / max(steps, 1), 2), "launched_by": launcher(n)}
                           for n, t, c in others[:top]],
+        # the largest kernels of every other category too: what each rule caught is visible, so a
+        # misfiled kernel (flashinfer's norms once counted as attention) shows in the report
+        "top_by_category": {
+            cat: [{"name": n[:160], "us_per_step": round(sum(v) / max(steps, 1), 2),
+                   "calls_per_step": round(len(v) / max(steps, 1), 1)}
+                  for n, v in sorted(((n, v) for n, v in by_name.items() if category(n) == cat),
+                                     key=lambda t: -sum(t[1]))[:5]]
+            for cat in by_cat if cat != "other"},
     }
 
 
@@ -183,6 +191,10 @@ def markdown(title: str, t: Dict[str, Any]) -> str:
                  " (the rest is host time between launches).")
     lines = [f"### {title}", "", head, "", "| category | share |", "|---|---|"]
     lines += [f"| {c} | {v * 100:.1f} % |" for c, v in t["shares"].items()]
+    if t.get("top_by_category"):
+        lines += ["", "| category | largest kernels (us/step, calls/step) |", "|---|---|"]
+        lines += [f"| {c} | " + "; ".join(f"`{k['name'][:70]}` {k['us_per_step']} ({k['calls_per_step']})" for k in ks) + " |"
+                  for c, ks in t["top_by_category"].items()]
     lines += ["", "| other kernel | share | calls/step | us/step | launched by |", "|---|---|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['share'] * 100:.2f} % | {k['calls_per_step']} | {k['us_per_step']} | {k['launched_by']} |"
               for k in t["other_kernels"]]

@@ -111,6 +111,8 @@ def test_decode_profile_table_from_a_chrome_trace(tmp_path):
     assert names == ["_triple_rmsnorm_kernel", "gemma_rmsnorm_kernel"]
     assert t["other_kernels"][0]["launched_by"] == "sglang-gemma4 fused_triple_norm"
     assert "| other | 10.0 % |" in decode_profile.markdown("x", t)
+    assert t["top_by_category"]["attention"] == [{"name": "_fwd_kernel_stage1", "us_per_step": 10.0, "calls_per_step": 0.5}]
+    assert "`nvjet_tst_128x64_gemm` 30.0 (0.5)" in decode_profile.markdown("x", t)
     # a table recorded before a pattern existed: listed "other" kernels move to their category now
     old = {"steps": 2, "kernel_us_per_step": 50.0, "shares": {"gemm": 0.6, "other": 0.4},
            "other_kernels": [{"name": "_fwd_grouped_kernel_stage1", "share": 0.3, "launched_by": "?"},
