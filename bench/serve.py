@@ -406,6 +406,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--base", default="off", help="the arm every other arm's ratios are taken against")
     ap.add_argument("--bench-lock", help="file lock shared by serve.py processes on one GPU")
     ap.add_argument("--report", type=Path, help="only rewrite md/png from this JSON")
+    ap.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, start nothing "
+                    "(also SERVE_DRY_RUN=1)")
     a = ap.parse_args(argv)
     if a.report:
         write_report(json.loads(a.report.read_text()), a.report)
@@ -437,9 +439,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     for item in a.only:
         w, sep, rest = item.partition("=")
         sel = [x for x in rest.split("|") if x]
-        if not sep or w not in wls or not sel or any(x not in arms for x in sel):
+        if not sep or w not in table or not sel or any(x not in arms for x in sel):
             ap.error(f"--only {item!r}: want WORKLOAD=ARM|ARM with WORKLOAD in {wls} and every ARM in {arms}")
+        if w not in wls:  # a part's fixed --only list, with SERVE_WORKLOADS choosing fewer workloads
+            print(f"--only {item!r}: workload {w} is not run (--workloads {','.join(wls)}); entry unused", flush=True)
+            continue
         only[w] = sel
+    for arm in arms:  # every arm name parses before anything is written or started
+        try:
+            arm_config(arm, Path("draft"))
+        except ValueError as e:
+            ap.error(str(e))
+    if a.dry_run or os.environ.get("SERVE_DRY_RUN") == "1":
+        # device time is scarce: scripts/gpu_backlog.sh parts are checked on CPU with this (test_serve_bench)
+        plan = {"model": a.model, "arms": arms, "base": a.base, "workloads": {w: only.get(w, arms) for w in wls},
+                "profiles": [item for item, *_ in profiles], "profiles_first": a.profiles_first,
+                "extra_server_args": a.extra_server_args.split(), "static_gib": a.static_gib}
+        print("serve.py dry run: " + json.dumps(plan))
+        return 0
     a.out.mkdir(parents=True, exist_ok=True)
     target, draft = fullsize.write_model(a.model, a.out / "models")
     base_args = ["--load-format", "dummy", "--attention-backend", "triton", "--context-length", str(a.context_length),

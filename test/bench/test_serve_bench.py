@@ -236,7 +236,7 @@ def test_only_profile_delay_and_profiles_first_against_fake_servers(serve, tmp_p
 
 
 def test_bad_only_and_profile_items_fail_before_servers_start(serve, tmp_path):
-    for argv in (["--only", "tiny=nope"], ["--only", "other=on"], ["--only", "chat_c1"],
+    for argv in (["--only", "tiny=nope"], ["--only", "other=on"], ["--only", "chat_c1"], ["--only", "chat_c1=spec"],
                  ["--profile", "on:chat_c1@-1"], ["--profile", "on:chat_c1@x"], ["--profile", "spec:chat_c1"]):
         with pytest.raises(SystemExit):
             serve.main(["--model", "e2b", "--arms", "on,off", "--workloads", "chat_c1", "--out", str(tmp_path), *argv])
@@ -257,3 +257,54 @@ def test_bench_serving_imports_without_hf_datasets():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "refused: HF datasets is not installed" in p.stdout
+
+
+@pytest.mark.parametrize("part,env", [
+    ("prof-26b", {}), ("e4b-all", {}), ("mtp-e4b-v2", {"SERVE_EXTRA": "--cuda-graph-backend-prefill disabled"}),
+    ("serve-26b-swa", {}), ("mtp-26b", {"MTP_V2": "0"}), ("serve-e4b-yoco", {}), ("serve-e2b", {}), ("mtp-e4b", {}),
+    ("e4b-all", {"SERVE_WORKLOADS": "ttft_c16,chat_c8", "SERVE_PROFILE": ""}),
+])
+def test_gpu_backlog_bench_parts_parse_on_cpu(tmp_path, part, env):
+    """Every serve.py call a device part makes parses (arms, --only, --profile items, workloads)
+    here, so a typo cannot cost a 10-minute device call. SERVE_DRY_RUN=1 stops after validation."""
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, SERVE_DRY_RUN="1", GPU_BACKLOG_READY="1", OUT=str(tmp_path), **env)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_backlog.sh"), part], capture_output=True, text=True,
+                       env=e, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    plans = [json.loads(line.split("serve.py dry run: ", 1)[1]) for line in out.splitlines() if "serve.py dry run: " in line]
+    assert plans, out[-3000:]
+    for plan in plans:
+        assert plan["arms"] and all(set(a) <= set(plan["arms"]) for a in plan["workloads"].values())
+    assert not list(tmp_path.rglob("config.json"))  # nothing written, nothing started
+    if "SERVE_WORKLOADS" in env:  # the part's fixed --only entry for chat_c1 is reported, not dropped silently
+        assert "chat_c1" not in plans[0]["workloads"] and "entry unused" in out
+
+
+def test_fusion_ab_part_parses_for_both_fusions(tmp_path):
+    """fusion-ab runs GPU tests first; on CPU only its serve.py call is checked (PY is swapped for a
+    shim that passes serve.py through and skips pytest)."""
+    import os
+    import subprocess
+    import sys
+
+    shim = tmp_path / "py"
+    shim.write_text(f"#!/bin/sh\nif [ \"$1\" = -m ]; then echo skipped-pytest; exit 0; fi\nexec {sys.executable} \"$@\"\n")
+    shim.chmod(0o755)
+    script = (ROOT / "scripts" / "gpu_backlog.sh").read_text().replace("PY=python3", f"PY={shim}")
+    (tmp_path / "scripts").mkdir()
+    patched = tmp_path / "scripts" / "gpu_backlog.sh"
+    patched.write_text(script.replace('cd "$(dirname "$0")/.."', f'cd {ROOT}'))
+    for fusion, model in (("SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM", "26b"), ("SGLANG_GEMMA4_FUSED_QKV_NORM_ROPE", "e4b")):
+        e = dict(os.environ, SERVE_DRY_RUN="1", GPU_BACKLOG_READY="1", OUT=str(tmp_path / fusion), FUSION=fusion,
+                 SERVE_MODEL=model)
+        p = subprocess.run(["bash", str(patched), "fusion-ab"], capture_output=True, text=True, env=e, timeout=600)
+        out = p.stdout + p.stderr
+        assert p.returncode == 0 and "skipped-pytest" in out, out[-3000:]
+        plan = json.loads(out.split("serve.py dry run: ", 1)[1].splitlines()[0])
+        assert plan["model"] == model and plan["arms"] == ["on", f"{fusion}=1"] and plan["base"] == "on"
