@@ -53,20 +53,21 @@ def load_events(path: Path) -> List[Dict[str, Any]]:
     return data.get("traceEvents", data) if isinstance(data, dict) else data
 
 
+def _gpu_events(events: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The GPU kernel / memcpy / memset events of a chrome trace (what every table here counts)."""
+    return [e for e in events
+            if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
 def kernels(events: Iterable[Dict[str, Any]]) -> List[Tuple[str, float]]:
     """(name, duration us) of every GPU kernel / memcpy / memset event."""
-    out = []
-    for e in events:
-        cat = str(e.get("cat", "")).lower()
-        if e.get("ph") == "X" and cat in ("kernel", "gpu_memcpy", "gpu_memset"):
-            out.append((str(e.get("name", "?")), float(e.get("dur", 0.0))))
-    return out
+    return [(str(e.get("name", "?")), float(e.get("dur", 0.0))) for e in _gpu_events(events)]
 
 
 # One greedy sample per scheduler step ends every step's kernel stream (torch argmax over the logits).
-STEP_END = r"argmaxops|argmax"
+STEP_END = r"argmax"
 # A step that ran a prefill/extend chunk (triton backend's extend kernel, flashinfer's prefill).
-PREFILL = r"^_fwd_kernel$|extend|batchprefill|prefill"
+PREFILL = r"^_fwd_kernel$|extend|prefill"
 
 
 def split_steps(events: Iterable[Dict[str, Any]]) -> List[List[Tuple[str, float]]]:
@@ -75,8 +76,7 @@ def split_steps(events: Iterable[Dict[str, Any]]) -> List[List[Tuple[str, float]
     Kernels after the last argmax (a step cut off by the end of the trace) are dropped. No argmax
     at all (e.g. sampling without argmax) -> [] and callers fall back to the whole window.
     """
-    ks = sorted((float(e.get("ts", 0.0)), str(e.get("name", "?")), float(e.get("dur", 0.0))) for e in events
-                if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset"))
+    ks = sorted((float(e.get("ts", 0.0)), str(e.get("name", "?")), float(e.get("dur", 0.0))) for e in _gpu_events(events))
     steps, cur = [], []
     for _, name, dur in ks:
         cur.append((name, dur))
@@ -99,9 +99,7 @@ def gpu_timeline(events: Iterable[Dict[str, Any]]) -> Dict[str, float]:
     Busy/span is how much of the traced window the GPU computed at all: at batch 1 the gaps are host
     time (scheduler, launches, syncs) that no kernel fusion recovers.
     """
-    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                if e.get("ph") == "X" and str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")
-                and "ts" in e)
+    iv = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in _gpu_events(events) if "ts" in e)
     if not iv:
         return {"span_us": 0.0, "busy_us": 0.0, "busy_share": 0.0}
     busy, (cur_s, cur_e) = 0.0, iv[0]
@@ -112,8 +110,7 @@ def gpu_timeline(events: Iterable[Dict[str, Any]]) -> Dict[str, float]:
         else:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
-    span = iv[-1][1] - iv[0][0]
-    span = max(span, max(e for _, e in iv) - iv[0][0])
+    span = cur_e - iv[0][0]  # groups end before the next starts, so the last group ends last
     return {"span_us": round(span, 1), "busy_us": round(busy, 1), "busy_share": round(busy / span, 4) if span else 0.0}
 
 

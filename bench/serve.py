@@ -474,8 +474,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "model": a.model, "model_summary": fullsize.summary(a.model), "date": datetime.date.today().isoformat(),
         "versions": versions(), "repeat": a.repeat, "server_args": base_args, "memory": memory,
         "workloads": {w: table[w] for w in wls}, "runs": {}, "servers": {}, "errors": [], "note": a.note,
-        # knobs every arm inherits (arms' own env is per server below)
         "base": a.base,
+        # knobs every arm inherits (arms' own env is per server below)
         "common_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SGLANG_") or k.startswith("SGL_")},
     }
     json_path = a.out / f"serve-{a.model}.json"

@@ -191,3 +191,27 @@ def test_slot_defaults_restate_sglang_forward(tp1, monkeypatch, moe, ple):
     assert none is None
     assert seen == list(_layer_forward.BRANCH_SLOTS["moe" if moe else "dense"])
     assert torch.equal(out, ref)
+
+
+def test_two_enables_in_one_register_share_one_queued_hook(monkeypatch):
+    """Patch.hook only queues; a second enable() in the same register() must find the queued hook
+    (two AROUND hooks would bypass one of them)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_gemma4.patches import fused_next_input_norm as fnin
+
+    monkeypatch.setitem(HookRegistry._hooks, _layer_forward.TARGET, [])
+
+    class Queue:
+        def __init__(self):
+            self._pending = []
+
+        def hook(self, target, fn, hook_type):
+            self._pending.append((target, fn, hook_type))
+
+    q = Queue()
+    _layer_forward.enable(q, fnin.TAIL)
+    _layer_forward.enable(q, fnin.INPUT_NORM)
+    assert len(q._pending) == 1
+    hook = q._pending[0][1]
+    assert {f.slot for f in hook.fusions.values()} == {"moe_tail", "input_norm"}

@@ -224,25 +224,24 @@ class LayerForward:
         return f"LayerForward({sorted(f.name for f in self.fusions.values())})"
 
 
-def registered_hook() -> Optional[LayerForward]:
-    """The LayerForward registered on TARGET in SGLang's HookRegistry, if any."""
+def registered_hook(patch=None) -> Optional[LayerForward]:
+    """The LayerForward registered on TARGET in SGLang's HookRegistry, or queued by ``patch``
+    (``Patch.hook`` only queues; the registry registers after ``register`` returns), if any."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    for _, hook, _ in HookRegistry._hooks.get(TARGET, ()):
+    queued = [(t, fn, ht) for t, fn, ht in getattr(patch, "_pending", ()) if t == TARGET]
+    for _, hook, _ in [*HookRegistry._hooks.get(TARGET, ()), *queued]:
         if isinstance(hook, LayerForward):
             return hook
     return None
 
 
 def enable(patch, *fusions: Fusion) -> None:
-    """From ``patch.register``: add ``fusions`` to the shared hook, registering it if none is.
-
-    Pass all of a patch's fusions in one call: ``Patch.hook`` only queues a hook (the registry
-    registers it after ``register`` returns), so a second call would not find the first's.
-    """
+    """From ``patch.register``: add ``fusions`` to the shared hook (registered, or queued by this
+    patch earlier in the same ``register``), registering it if there is none."""
     from sglang.srt.plugins.hook_registry import HookType
 
-    hook = registered_hook()
+    hook = registered_hook(patch)
     if hook is None:
         hook = LayerForward()
         patch.hook(TARGET, hook, HookType.AROUND)

@@ -76,7 +76,7 @@ class FusedNextInputNorm(Patch):
         from sglang.srt.plugins.hook_registry import HookType
 
         self.hook(MODEL_INIT, link_layers_after_init, HookType.AFTER)
-        _layer_forward.enable(self, TAIL, INPUT_NORM)  # one call: hooks are queued until register returns
+        _layer_forward.enable(self, TAIL, INPUT_NORM)
 
 
 PATCH = FusedNextInputNorm()
