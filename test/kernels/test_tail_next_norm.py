@@ -53,20 +53,17 @@ def test_python_number_scalar():
 
 def test_matches_sglang_tail_then_rmsnorm():
     """out == SGLang 0.5.17's gemma_dual_rmsnorm_residual_scalar; x_in == the next layer's
-    RMSNorm of that out (forward_native math). Bitwise on the GPU; within one rounding on CPU
-    (the interpreter truncates fp32 -> bf16, see kernel_testutil)."""
+    RMSNorm of that out (forward_native math). Within one rounding: the reduction orders differ,
+    and on CPU the interpreter truncates fp32 -> bf16 (see kernel_testutil)."""
     sg_tail = sglang_fused_op("gemma_dual_rmsnorm_residual_scalar")
     h1, w1, h2, w2, w3, r, s, w_in = _inputs(6, 2816 if HAS_CUDA else 96, torch.bfloat16, seed=9)
     out, x_in = gemma_moe_tail_next_norm(h1, w1, h2, w2, w3, r, s, w_in, 1e-6, 1e-6, 1e-6, 1e-6)
     sg_out = sg_tail(h1, w1, h2, w2, w3, r, s, 1e-6, 1e-6, 1e-6)
     of = out.float()
     x_ref = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6) * w_in.float()).to(out.dtype)
-    if HAS_CUDA:
-        assert torch.equal(out, sg_out)
-        assert_close(x_in, x_ref)
-    else:
-        assert_close(out, sg_out)
-        assert_close(x_in, x_ref, ulps=2)
+    # not bitwise on the GPU (seen on the H200): the two kernels reduce in different orders
+    assert_close(out, sg_out)
+    assert_close(x_in, x_ref, ulps=1 if HAS_CUDA else 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
