@@ -35,6 +35,8 @@ CATEGORIES: Tuple[Tuple[str, str], ...] = (
 # SGLang / plugin launch sites for the "other" kernels we know (name regex -> who launches it).
 LAUNCHERS: Tuple[Tuple[str, str], ...] = (
     (r"triple_rmsnorm|_triple", "sglang-gemma4 fused_triple_norm"),
+    (r"tail_next_norm", "sglang-gemma4 fused_next_input_norm"),
+    (r"qkv_norm_rope", "sglang-gemma4 fused_qkv_norm_rope"),
     (r"rmsnorm|rms_norm|layernorm", "RMSNorm layers (Gemma4RMSNorm / sgl_kernel gemma_rmsnorm; plugin fused norms)"),
     (r"gelu|act_and_mul|silu", "MLP activation (sgl_kernel gelu_tanh_and_mul; plugin PLE tail)"),
     (r"rope|rotary", "rotary embedding (Gemma4 attention q/k)"),

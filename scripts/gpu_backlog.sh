@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|mtp-26b|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -148,9 +148,25 @@ case "${1:-}" in
     $PY bench/serve.py --model e4b --arms "$V1,$V0" --base "$V0" --repeat 3 --max-total-tokens 100000 --mem-fraction-static 0.88 \
       --extra-server-args "--max-running-requests 64 ${SERVE_EXTRA:-}" --deadline-s "${SERVE_DEADLINE_S:-400}" --bench-timeout 60 \
       --workloads "${SERVE_WORKLOADS:-chat_c8,chat_c1}" --out "$OUT/mtp-e4b-v2" 2>&1 | tee "$OUT/mtp-e4b-v2.txt" ;;
+  mtp-nosync) # issue #19: the draft step without its per-step .item() (SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC): its GPU
+    # tests, then overlap as SGLang ships it vs overlap + the fix vs synchronous at full E4B size (ratios vs SGLang's
+    # overlap), then the lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks on) with the fix on
+    t0=$(date +%s)
+    $PY -m pytest test/gpu/test_mtp_draft_no_sync_gpu.py test/patches/test_mtp_draft_no_sync.py \
+      test/patches/test_fused_next_input_norm.py test/kernels/test_tail_next_norm.py -q -rfE 2>&1 | tee "$OUT/nosync-tests.txt"
+    V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
+    $PY bench/serve.py --model e4b --arms "$V1,$V1+SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1,$V0" --base "$V1" --repeat 3 \
+      --max-total-tokens 100000 --mem-fraction-static 0.88 --bench-timeout 60 --deadline-s "${SERVE_DEADLINE_S:-300}" \
+      --extra-server-args "--max-running-requests 64 --cuda-graph-backend-prefill disabled ${SERVE_EXTRA:-}" \
+      --workloads "${SERVE_WORKLOADS:-chat_c8,chat_c1}" --out "$OUT/mtp-nosync" 2>&1 | tee "$OUT/mtp-nosync.txt"
+    left=$(( ${PART_BUDGET_S:-555} - ($(date +%s) - t0) ))
+    echo "== modes with the fix on (${left}s left)" | tee "$OUT/nosync-modes.txt"
+    [ "$left" -gt 30 ] && SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 timeout -k 5 "$left" \
+      $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee -a "$OUT/nosync-modes.txt"
+    grep -l "draft step sized from the host" "$OUT"/logs/*.log "$OUT"/mtp-nosync/logs/*.log 2>/dev/null | sed 's/^/fix fired: /' | tee -a "$OUT/nosync-modes.txt" ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
 esac

@@ -286,11 +286,9 @@ def test_gpu_backlog_bench_parts_parse_on_cpu(tmp_path, part, env):
         assert "chat_c1" not in plans[0]["workloads"] and "entry unused" in out
 
 
-def test_fusion_ab_part_parses_for_both_fusions(tmp_path):
-    """fusion-ab runs GPU tests first; on CPU only its serve.py call is checked (PY is swapped for a
-    shim that passes serve.py through and skips pytest)."""
-    import os
-    import subprocess
+def _backlog_without_pytest(tmp_path):
+    """gpu_backlog.sh with PY swapped for a shim that passes serve.py through and skips pytest
+    (for parts that run GPU tests before their serve.py call)."""
     import sys
 
     shim = tmp_path / "py"
@@ -300,6 +298,15 @@ def test_fusion_ab_part_parses_for_both_fusions(tmp_path):
     (tmp_path / "scripts").mkdir()
     patched = tmp_path / "scripts" / "gpu_backlog.sh"
     patched.write_text(script.replace('cd "$(dirname "$0")/.."', f'cd {ROOT}'))
+    return patched
+
+
+def test_fusion_ab_part_parses_for_both_fusions(tmp_path):
+    """fusion-ab runs GPU tests first; on CPU only its serve.py call is checked."""
+    import os
+    import subprocess
+
+    patched = _backlog_without_pytest(tmp_path)
     for fusion, model in (("SGLANG_GEMMA4_FUSED_NEXT_INPUT_NORM", "26b"), ("SGLANG_GEMMA4_FUSED_QKV_NORM_ROPE", "e4b")):
         e = dict(os.environ, SERVE_DRY_RUN="1", GPU_BACKLOG_READY="1", OUT=str(tmp_path / fusion), FUSION=fusion,
                  SERVE_MODEL=model)
@@ -308,3 +315,19 @@ def test_fusion_ab_part_parses_for_both_fusions(tmp_path):
         assert p.returncode == 0 and "skipped-pytest" in out, out[-3000:]
         plan = json.loads(out.split("serve.py dry run: ", 1)[1].splitlines()[0])
         assert plan["model"] == model and plan["arms"] == ["on", f"{fusion}=1"] and plan["base"] == "on"
+
+
+def test_mtp_nosync_part_parses(tmp_path):
+    """mtp-nosync: three spec arms, SGLang's overlap as the base; its pytest steps are skipped here."""
+    import os
+    import subprocess
+
+    patched = _backlog_without_pytest(tmp_path)
+    e = dict(os.environ, SERVE_DRY_RUN="1", GPU_BACKLOG_READY="1", OUT=str(tmp_path / "out"))
+    p = subprocess.run(["bash", str(patched), "mtp-nosync"], capture_output=True, text=True, env=e, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "skipped-pytest" in out, out[-3000:]
+    plan = json.loads(out.split("serve.py dry run: ", 1)[1].splitlines()[0])
+    v1 = "spec+SGLANG_FROZEN_KV_MTP_V2=1"
+    assert plan["arms"] == [v1, v1 + "+SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1", "spec+SGLANG_FROZEN_KV_MTP_V2=0"]
+    assert plan["base"] == v1 and "--cuda-graph-backend-prefill" in plan["extra_server_args"]
