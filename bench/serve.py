@@ -136,12 +136,41 @@ def _stub_hf_datasets() -> None:
         sys.modules["datasets"] = mod
 
 
+def patient_flush(flush, wait_s: float = 15.0, poll_s: float = 0.25):
+    """``flush`` (bench_serving's flush_server_cache), retried while the server answers 400.
+
+    Seen on the H200 (session 11): an overlap-schedule FROZEN_KV_MTP server still counts
+    bench_serving's just-finished warmup request as running for a moment ("Cache not flushed
+    because there are pending requests. #running-req: 1") and answers 400, which failed every
+    run on both V2=1 arms. The synchronous arm never did. Any other error, or a 400 that lasts
+    past ``wait_s``, is raised as before.
+    """
+    def call(base_url, backend):
+        import requests
+
+        t_end = time.time() + wait_s
+        while True:
+            try:
+                return flush(base_url, backend)
+            except requests.HTTPError as e:
+                status = getattr(e.response, "status_code", None)
+                if status != 400 or time.time() >= t_end:
+                    raise
+            time.sleep(poll_s)
+
+    return call
+
+
 def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeout: float) -> Dict[str, Any]:
     """One ``sglang.bench_serving`` run, in this process (its import costs ~15 s; runs here cost none)."""
     import contextlib
 
     _stub_hf_datasets()
     from sglang.benchmark import serving as bench_serving
+
+    if not getattr(bench_serving.flush_server_cache, "_patient", False):
+        bench_serving.flush_server_cache = patient_flush(bench_serving.flush_server_cache)
+        bench_serving.flush_server_cache._patient = True
 
     inp, outp, n, conc = wl
     f = out.with_suffix(".jsonl")

@@ -331,3 +331,29 @@ def test_mtp_nosync_part_parses(tmp_path):
     v1 = "spec+SGLANG_FROZEN_KV_MTP_V2=1"
     assert plan["arms"] == [v1, v1 + "+SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1", "spec+SGLANG_FROZEN_KV_MTP_V2=0"]
     assert plan["base"] == v1 and "--cuda-graph-backend-prefill" in plan["extra_server_args"]
+
+
+def test_patient_flush_retries_a_400_then_gives_up(serve):
+    """bench_serving's flush after warmup races an overlap server's last step (400 'pending
+    requests'): retried while it is a 400, any other error or a lasting 400 still raises."""
+    import requests
+
+    def http_error(code):
+        r = requests.Response()
+        r.status_code = code
+        return requests.HTTPError(f"{code}", response=r)
+
+    calls = []
+
+    def flush(base_url, backend, fail=[400, 400]):
+        calls.append((base_url, backend))
+        if fail:
+            raise http_error(fail.pop(0))
+
+    assert serve.patient_flush(flush, wait_s=5, poll_s=0)("u", "sglang") is None and len(calls) == 3
+    with pytest.raises(requests.HTTPError, match="500"):
+        serve.patient_flush(lambda *a: (_ for _ in ()).throw(http_error(500)), wait_s=5, poll_s=0)("u", "sglang")
+    n = []
+    with pytest.raises(requests.HTTPError, match="400"):
+        serve.patient_flush(lambda *a: n.append(1) or (_ for _ in ()).throw(http_error(400)), wait_s=0.05, poll_s=0.01)("u", "s")
+    assert len(n) >= 2
