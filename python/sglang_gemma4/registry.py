@@ -9,8 +9,10 @@ table; ``apply`` registers the hooks of the active ones through SGLang's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
+import inspect
 import logging
 import os
 import pkgutil
@@ -139,6 +141,19 @@ def missing_targets(targets: Sequence[str]) -> List[str]:
         except Exception as e:  # ImportError, AttributeError, anything a module raises
             out.append(f"{t} ({type(e).__name__}: {e})")
     return out
+
+
+def source_of(fn) -> str:
+    return inspect.getsource(inspect.unwrap(fn))
+
+
+def source_pin_reason(src: str, expected_sha256: str, label: str, relies: str) -> Optional[str]:
+    """Why a patch that re-states or relies on SGLang code must stand down: ``src`` (the code as
+    installed) is not the 0.5.17 source the patch was written against. None when it is."""
+    got = hashlib.sha256(src.encode()).hexdigest()
+    if got == expected_sha256:
+        return None
+    return f"{label} is not SGLang 0.5.17's (source sha256 {got[:12]}... != {expected_sha256[:12]}...); {relies}"
 
 
 def sglang_version() -> Optional[str]:

@@ -26,14 +26,10 @@ ON = {nosync.PATCH.knob: "1"}
 STEPS, NDRAFT, MAX_CTX = 3, 4, 640
 
 
-class Calls(list):
-    pass
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """Stand-ins for the GPU-only pieces in SGLang's module; every input they see is recorded."""
-    rec = Calls()
+    rec = []
 
     class ForwardBatch:
         @staticmethod

@@ -33,10 +33,10 @@ patch module, call :func:`enable` from the patch's ``register``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 import logging
 from typing import Callable, Dict, Optional
+
+from sglang_gemma4.registry import source_of, source_pin_reason
 
 logger = logging.getLogger("sglang_gemma4")
 
@@ -252,20 +252,13 @@ def enable(patch, *fusions: Fusion) -> None:
 # ----------------------------------------------------------------- shared checks
 
 
-def forward_fingerprint() -> str:
+def check_forward_unchanged() -> None:
     from sglang.srt.models.gemma4_causal import Gemma4DecoderLayer
 
-    src = inspect.getsource(inspect.unwrap(Gemma4DecoderLayer.forward))
-    return hashlib.sha256(src.encode()).hexdigest()
-
-
-def check_forward_unchanged() -> None:
-    got = forward_fingerprint()
-    if got != FORWARD_SHA256:
-        raise RuntimeError(
-            "Gemma4DecoderLayer.forward is not SGLang 0.5.17's (source sha256 "
-            f"{got[:12]}... != {FORWARD_SHA256[:12]}...); the fused forward re-states it"
-        )
+    why = source_pin_reason(source_of(Gemma4DecoderLayer.forward), FORWARD_SHA256,
+                            "Gemma4DecoderLayer.forward", "the fused forward re-states it")
+    if why:
+        raise RuntimeError(why)
 
 
 def under_compile() -> bool:

@@ -27,14 +27,12 @@ on a GPU (no device time was left in the session that wrote it). Enable with
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import weakref
 from typing import Optional
 
 from sglang_gemma4.patches import _layer_forward
 from sglang_gemma4.patches.fused_ple import plain_rmsnorm, rows_ok
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, source_of, source_pin_reason
 
 MODEL_INIT = "sglang.srt.models.gemma4_causal.Gemma4TextModel.__init__"
 FIRED = "fused MoE tail + next layer's input RMSNorm running"
@@ -59,7 +57,7 @@ class FusedNextInputNorm(Patch):
     def upstream(self) -> Optional[str]:
         from sglang.srt.models.gemma4_causal import Gemma4TextModel
 
-        src = inspect.getsource(inspect.unwrap(Gemma4TextModel.forward))
+        src = source_of(Gemma4TextModel.forward)
         if "input_layernorm" in src or "next_layer" in src:
             return "Gemma4TextModel.forward handles the next layer's input norm itself"
         return None
@@ -82,20 +80,13 @@ class FusedNextInputNorm(Patch):
 PATCH = FusedNextInputNorm()
 
 
-def model_forward_fingerprint() -> str:
+def check_model_forward_unchanged() -> None:
     from sglang.srt.models.gemma4_causal import Gemma4TextModel
 
-    src = inspect.getsource(inspect.unwrap(Gemma4TextModel.forward))
-    return hashlib.sha256(src.encode()).hexdigest()
-
-
-def check_model_forward_unchanged() -> None:
-    got = model_forward_fingerprint()
-    if got != MODEL_FORWARD_SHA256:
-        raise RuntimeError(
-            f"Gemma4TextModel.forward is not SGLang 0.5.17's (source sha256 {got[:12]}... != "
-            f"{MODEL_FORWARD_SHA256[:12]}...); the next-layer norm handoff relies on its layer loop"
-        )
+    why = source_pin_reason(source_of(Gemma4TextModel.forward), MODEL_FORWARD_SHA256, "Gemma4TextModel.forward",
+                            "the next-layer norm handoff relies on its layer loop")
+    if why:
+        raise RuntimeError(why)
 
 
 # ----------------------------------------------------------------- linking

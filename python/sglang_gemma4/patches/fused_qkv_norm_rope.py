@@ -25,13 +25,11 @@ Enable with ``SGLANG_GEMMA4_FUSED_QKV_NORM_ROPE=1``.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from typing import Optional
 
 from sglang_gemma4.patches import _layer_forward
 from sglang_gemma4.patches.fused_ple import rows_ok
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, source_of, source_pin_reason
 
 TARGET = "sglang.srt.models.gemma4_causal.Gemma4Attention.forward"
 FIRED = "fused q/k/v RMSNorm + RoPE running"
@@ -55,11 +53,8 @@ class FusedQkvNormRope(Patch):
         return None
 
     def unavailable(self) -> Optional[str]:
-        got = hashlib.sha256(_forward_source().encode()).hexdigest()
-        if got != FORWARD_SHA256:
-            return (f"Gemma4Attention.forward is not SGLang 0.5.17's (source sha256 {got[:12]}... != "
-                    f"{FORWARD_SHA256[:12]}...); the fused forward re-states it")
-        return None
+        return source_pin_reason(_forward_source(), FORWARD_SHA256, "Gemma4Attention.forward",
+                                 "the fused forward re-states it")
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType
@@ -73,7 +68,7 @@ PATCH = FusedQkvNormRope()
 def _forward_source() -> str:
     from sglang.srt.models.gemma4_causal import Gemma4Attention
 
-    return inspect.getsource(inspect.unwrap(Gemma4Attention.forward))
+    return source_of(Gemma4Attention.forward)
 
 
 def eligible(attn, positions, hidden_states) -> bool:

@@ -31,13 +31,11 @@ the folded scale). Anything else calls the original forward.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from typing import Optional
 
 from sglang_gemma4.patches import _layer_forward
 from sglang_gemma4.patches.fused_ple import plain_rmsnorm, rows_ok
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, source_of, source_pin_reason
 
 TARGET = _layer_forward.TARGET
 FIRED = "fused post-attention triple RMSNorm running"
@@ -79,13 +77,10 @@ PATCH = FusedTripleNorm()
 def check_router_unchanged() -> None:
     from sglang.srt.models.gemma4_causal import Gemma4Router
 
-    src = inspect.getsource(inspect.unwrap(Gemma4Router.forward))
-    got = hashlib.sha256(src.encode()).hexdigest()
-    if got != ROUTER_FORWARD_SHA256:
-        raise RuntimeError(
-            f"Gemma4Router.forward is not SGLang 0.5.17's (source sha256 {got[:12]}...); "
-            "the fused path bypasses it"
-        )
+    why = source_pin_reason(source_of(Gemma4Router.forward), ROUTER_FORWARD_SHA256, "Gemma4Router.forward",
+                            "the fused path bypasses it")
+    if why:
+        raise RuntimeError(why)
 
 
 # ----------------------------------------------------------------- the fusion

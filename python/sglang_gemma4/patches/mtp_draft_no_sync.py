@@ -32,12 +32,10 @@ Enable with ``SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1``.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from typing import Optional
 
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, source_of, source_pin_reason
 
 MODULE = "sglang.srt.speculative.frozen_kv_mtp_worker_v2"
 TARGET = MODULE + ".FrozenKVMTPDraftWorker.draft"
@@ -70,11 +68,7 @@ class MtpDraftNoSync(Patch):
         src = _draft_source()
         if SYNC_LINE not in src:
             return None  # upstream() reports it
-        got = hashlib.sha256(src.encode()).hexdigest()
-        if got != DRAFT_SHA256:
-            return (f"FrozenKVMTPDraftWorker.draft is not SGLang 0.5.17's (source sha256 {got[:12]}... != "
-                    f"{DRAFT_SHA256[:12]}...); the hook re-states it")
-        return None
+        return source_pin_reason(src, DRAFT_SHA256, "FrozenKVMTPDraftWorker.draft", "the hook re-states it")
 
     def register(self, value: Optional[bool]) -> None:
         from sglang.srt.plugins.hook_registry import HookType
@@ -86,10 +80,9 @@ PATCH = MtpDraftNoSync()
 
 
 def _draft_source() -> str:
-    import importlib
+    from sglang.srt.speculative.frozen_kv_mtp_worker_v2 import FrozenKVMTPDraftWorker
 
-    worker = importlib.import_module(MODULE).FrozenKVMTPDraftWorker
-    return inspect.getsource(inspect.unwrap(worker.draft))
+    return source_of(FrozenKVMTPDraftWorker.draft)
 
 
 def bound_ok(worker) -> bool:
@@ -114,9 +107,7 @@ def draft(original, worker, batch):
     """AROUND hook: SGLang 0.5.17's draft step, its seq_lens_sum taken from the host."""
     if batch.forward_mode.is_idle() or not bound_ok(worker):
         return original(worker, batch)
-    import importlib
-
-    m = importlib.import_module(MODULE)  # its globals, so a test's stand-ins serve both paths
+    from sglang.srt.speculative import frozen_kv_mtp_worker_v2 as m  # its globals: a test's stand-ins serve both paths
     spec_info = batch.spec_info
     spec_info.capture_hidden_mode = m.CaptureHiddenMode.LAST
     spec_info.num_tokens_per_req = worker.topk  # the draft forward's width: topk tokens per request
