@@ -72,7 +72,7 @@ class GraphRunner:
         return [torch.zeros(bs, 1)], torch.zeros(bs, STEPS, dtype=torch.long), fb.seq_lens[:, None] % 7 + torch.arange(STEPS)
 
 
-def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1):
+def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1, target_ctx=MAX_CTX):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     class Worker(fw.FrozenKVMTPDraftWorker):
@@ -84,6 +84,8 @@ def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1)
     w.draft_attn_backend = object.__new__(cls)
     w.draft_attn_backend._translate_kv_loc = translate
     w.cuda_graph_runner = GraphRunner(rec, graph)
+    w.target_worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(
+        attn_backend=types.SimpleNamespace(max_context_len=target_ctx)))
 
     def draft_forward(fb):
         rec.append(("draft_forward", fb.seq_lens_sum, fb.can_run_dp_cuda_graph))
@@ -101,7 +103,7 @@ def batch(seq_lens, host_mirror):
     return types.SimpleNamespace(
         forward_mode=ForwardMode.DECODE, spec_info=spec, seq_lens=sl, req_pool_indices=torch.arange(len(seq_lens)),
         seq_lens_cpu=sl.clone() if host_mirror else None, seq_lens_sum=None, return_hidden_states=True,
-        req_to_token_pool=types.SimpleNamespace(req_to_token=torch.zeros(8, MAX_CTX, dtype=torch.int32)),
+        req_to_token_pool=types.SimpleNamespace(req_to_token=torch.zeros(8, MAX_CTX + 8, dtype=torch.int32)),
     )
 
 
@@ -159,6 +161,11 @@ def test_no_host_mirror_no_item_same_step(calls, item_reads, graph):
             assert got[1] == bound and torch.equal(got[2], want[2]) and got[3] is None is want[3]
     # the tree mask is only larger; the prefix the verify reads is the same
     assert out.custom_mask.numel() > ref.custom_mask.numel()
+    # and it fits the verify CUDA graph's buffer as SGLang sizes it, at this batch as the captured max
+    from sglang.srt.layers.attention.verify_mask import tree_mask_numel
+    from sglang.srt.speculative.eagle_utils import TreeMaskMode
+
+    assert out.custom_mask.numel() <= tree_mask_numel(TreeMaskMode.FULL_MASK, len(seq_lens), NDRAFT, MAX_CTX)
     # what is left on the batch / verify input: SGLang's GPU-only None, not the bound
     assert pb.seq_lens_sum is None and out.seq_lens_sum is None and out.seq_lens_cpu is None
     assert rb.seq_lens_sum == sum(seq_lens)
@@ -178,9 +185,11 @@ def test_host_mirror_gives_the_exact_sum(calls, item_reads):
     assert pb.seq_lens_sum == out.seq_lens_sum == sum(seq_lens)
 
 
-@pytest.mark.parametrize("wkw", [dict(backend="FlashInferAttnBackend"), dict(translate=lambda x: x)])
+@pytest.mark.parametrize("wkw", [dict(backend="FlashInferAttnBackend"), dict(translate=lambda x: x),
+                                 dict(target_ctx=None)])
 def test_other_backends_run_sglang(calls, item_reads, wkw):
-    """A backend not known to tolerate the bound, or a unified-pool translate: SGLang's draft."""
+    """A backend not known to tolerate the bound, a unified-pool translate, or no target context
+    length to bound by: SGLang's draft."""
     out, pb = run(calls, True, [4, 4], host_mirror=False, **wkw)
     assert item_reads and pb.seq_lens_sum == 8
     assert [c for c in calls if c[0] == "build_tree"][0][1] == 8

@@ -180,3 +180,27 @@ def test_suite_configurations(tmp_path):
         assert "agree_assistant" in a.engine_kwargs["speculative_draft_model_path"]
         assert "assistant" in by[f"random_spec_v2_{v}"].engine_kwargs["speculative_draft_model_path"]
     assert all(c.checks == "full" for c in cfgs)
+
+
+def test_servers_started_together_get_distinct_ports_outside_the_ephemeral_range(tmp_path):
+    # a port picked by binding 0 can be handed, before our server binds it, to a sibling server's own
+    # nccl-port probe (EADDRINUSE seen with 9 launch_servers starting at once on the H200)
+    import socket
+
+    from sglang_gemma4.testing import server as srv
+
+    servers = [srv.make_server(f"s{i}", "/m", tmp_path, ["--skip-tokenizer-init"]) for i in range(12)]
+    ports = []
+    for s in servers:
+        nccl = int(s.cmd[s.cmd.index("--nccl-port") + 1])
+        assert int(s.cmd[s.cmd.index("--port") + 1]) == s.port
+        ports += [s.port, nccl]
+    assert len(set(ports)) == len(ports) and all(20000 <= p < 32768 for p in ports), ports
+    from sglang_gemma4.testing import engine
+
+    with socket.socket() as held:  # the next port in line is held by someone else: skipped
+        nxt = engine._NEXT_PORT[0] + 11
+        held.bind(("127.0.0.1", nxt))
+        assert engine.alloc_port() == nxt + 11
+    explicit = srv.make_server("x", "/m", tmp_path, ["--nccl-port", "23456"])
+    assert explicit.cmd.count("--nccl-port") == 1

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -197,13 +198,28 @@ def _out_root() -> Path:
     return Path(os.environ.get(OUTPUT_ROOT_ENV) or "./gpu-out")
 
 
-def _alloc_port() -> int:
-    # distinct nccl ports for engines started concurrently by this process
+def alloc_port() -> int:
+    """A port no other engine/server of this process holds, below Linux's ephemeral range (32768+).
+
+    Servers started together bind their ports tens of seconds after we pick them; a port taken from
+    the ephemeral range (bind to 0) can meanwhile be handed to another server's own free-port probe
+    (SGLang's nccl port): EADDRINUSE at start. Picking from 20000-32767 keeps the two sources apart.
+    """
     with _PORT_LOCK:
         if not _NEXT_PORT[0]:
-            _NEXT_PORT[0] = 20000 + (os.getpid() * 37) % 20000
-        _NEXT_PORT[0] += 11
-        return _NEXT_PORT[0]
+            _NEXT_PORT[0] = 20000 + (os.getpid() * 37) % 12000
+        for _ in range(2000):
+            _NEXT_PORT[0] += 11
+            if _NEXT_PORT[0] >= 32768:
+                _NEXT_PORT[0] = 20000 + _NEXT_PORT[0] % 11
+            port = _NEXT_PORT[0]
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("no free port in 20000-32767 for an engine/server")
 
 
 def _tail(path: Path, max_lines: int = 80) -> str:
@@ -267,7 +283,7 @@ def run_engine(
             kwargs.setdefault(k, v)
         kwargs["speculative_draft_model_path"] = str(draft_model_path)
     kwargs["model_path"] = str(model_path)
-    kwargs.setdefault("nccl_port", _alloc_port())
+    kwargs.setdefault("nccl_port", alloc_port())
 
     child_env = dict(os.environ)
     child_env.update(CHECK_ENVS[checks])

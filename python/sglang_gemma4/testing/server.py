@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from sglang_gemma4.testing.engine import CHECK_ENVS, SPEC_KWARGS, scan_checks
+from sglang_gemma4.testing.engine import CHECK_ENVS, SPEC_KWARGS, alloc_port, scan_checks
 
 # What SGLang 0.5.17 logs about its KV pools (hybrid SWA and plain).
 _POOL_RES = {
@@ -50,12 +49,6 @@ def spec_args(draft: os.PathLike, steps: Optional[int] = None) -> List[str]:
     if steps is not None:
         kw.update(speculative_num_steps=steps, speculative_num_draft_tokens=steps + 1)
     return [x for k, v in kw.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gpu_free_gib(index: int = 0) -> float:
@@ -156,9 +149,11 @@ def make_server(
     """A server description (not started). ``checks``: a :data:`CHECK_ENVS` level."""
     if checks not in CHECK_ENVS:
         raise ValueError(f"checks={checks!r}; one of {', '.join(CHECK_ENVS)}")
-    port = port or free_port()
+    port = port or alloc_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
            "--host", "127.0.0.1", "--port", str(port), *map(str, args)]
+    if "--nccl-port" not in args:  # SGLang's own pick (bind 0) can collide with a sibling's port
+        cmd += ["--nccl-port", str(alloc_port())]
     e = dict(CHECK_ENVS[checks])
     e.update(env or {})
     log = Path(log_dir) / f"server-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"

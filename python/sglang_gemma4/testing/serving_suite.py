@@ -4,7 +4,7 @@ Shared by ``test/gpu/test_serving_gpu.py`` (assertions) and ``bench/soak.py``
 (recorded results in runs/). One call: all servers start together (tiny
 margin-checked ``agree`` pair with SGLang's leak/invariant checks on, a
 full-depth E4B on dummy weights, FROZEN_KV_MTP with ``SGLANG_FROZEN_KV_MTP_V2``
-unset/0/1, radix cache on/off, the plugin off), each gets the soak of
+unset/0/1 (and 1 with the no-sync draft step), radix cache on/off, the plugin off), each gets the soak of
 :mod:`sglang_gemma4.testing.soak`, and two servers on empty flashinfer JIT
 caches time the first sampled request with and without ``jit_prewarm``.
 ``SERVING_ARMS=a,b`` runs only those arms.
@@ -40,6 +40,9 @@ def serving_arms(target, draft, e4b, mm):
         "mtp_v2_unset": (target, base + spec, {}, "full", True),
         "mtp_v2_0": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "0"}, "full", True),
         "mtp_v2_1": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "1"}, "full", True),
+        # the overlap draft step without its seq_lens .item() (default-off patch): aborts and mixed load on the bound path
+        "mtp_v2_1_nosync": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "1", "SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC": "1"},
+                            "full", True),
         "plugin_off": (target, base, {"SGLANG_PLUGINS": "none"}, "full", True),
         "e4b_full_dummy": (e4b, base + ["--load-format", "dummy"], {}, "idle", True),
         # multimodal checkpoint (processor files inside): broken images, then a good one
