@@ -72,7 +72,7 @@ class GraphRunner:
         return [torch.zeros(bs, 1)], torch.zeros(bs, STEPS, dtype=torch.long), fb.seq_lens[:, None] % 7 + torch.arange(STEPS)
 
 
-def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1, target_ctx=MAX_CTX):
+def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1, verify_max_bs=8):
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     class Worker(fw.FrozenKVMTPDraftWorker):
@@ -84,8 +84,14 @@ def worker(rec, backend="TritonAttnBackend", graph=True, translate=None, topk=1,
     w.draft_attn_backend = object.__new__(cls)
     w.draft_attn_backend._translate_kv_loc = translate
     w.cuda_graph_runner = GraphRunner(rec, graph)
+    # the target's verify CUDA-graph mask buffer, allocated by SGLang's own sizing
+    from sglang.srt.layers.attention.verify_mask import maybe_create_verify_mask
+
+    vm = None if verify_max_bs is None else maybe_create_verify_mask(
+        is_draft_runner=False, skip_prefill=False, max_bs=verify_max_bs, max_context_len=MAX_CTX,
+        num_draft_tokens=NDRAFT, device="cpu", is_read=True, dtype=torch.uint8)
     w.target_worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(
-        attn_backend=types.SimpleNamespace(max_context_len=target_ctx)))
+        attn_backend=types.SimpleNamespace(verify_mask=vm)))
 
     def draft_forward(fb):
         rec.append(("draft_forward", fb.seq_lens_sum, fb.can_run_dp_cuda_graph))
@@ -148,7 +154,7 @@ def test_no_host_mirror_no_item_same_step(calls, item_reads, graph):
     out, pb = run(calls, True, seq_lens, host_mirror=False, graph=graph)
     assert item_reads == []
     same_verify(out, ref)
-    bound = len(seq_lens) * MAX_CTX
+    bound = len(seq_lens) * (MAX_CTX + 8)
     # same calls, same tensors; the sum is the bound where SGLang had the exact one
     assert [c[0] for c in calls] == [c[0] for c in ref_calls]
     for got, want in zip(calls, ref_calls):
@@ -161,11 +167,8 @@ def test_no_host_mirror_no_item_same_step(calls, item_reads, graph):
             assert got[1] == bound and torch.equal(got[2], want[2]) and got[3] is None is want[3]
     # the tree mask is only larger; the prefix the verify reads is the same
     assert out.custom_mask.numel() > ref.custom_mask.numel()
-    # and it fits the verify CUDA graph's buffer as SGLang sizes it, at this batch as the captured max
-    from sglang.srt.layers.attention.verify_mask import tree_mask_numel
-    from sglang.srt.speculative.eagle_utils import TreeMaskMode
-
-    assert out.custom_mask.numel() <= tree_mask_numel(TreeMaskMode.FULL_MASK, len(seq_lens), NDRAFT, MAX_CTX)
+    # and it fits the target's verify CUDA-graph buffer (what triton's graph path copies it into)
+    assert out.custom_mask.numel() <= worker(calls).target_worker.model_runner.attn_backend.verify_mask.buffer.numel()
     # what is left on the batch / verify input: SGLang's GPU-only None, not the bound
     assert pb.seq_lens_sum is None and out.seq_lens_sum is None and out.seq_lens_cpu is None
     assert rb.seq_lens_sum == sum(seq_lens)
@@ -185,14 +188,36 @@ def test_host_mirror_gives_the_exact_sum(calls, item_reads):
     assert pb.seq_lens_sum == out.seq_lens_sum == sum(seq_lens)
 
 
-@pytest.mark.parametrize("wkw", [dict(backend="FlashInferAttnBackend"), dict(translate=lambda x: x),
-                                 dict(target_ctx=None)])
+@pytest.mark.parametrize("wkw", [dict(backend="FlashInferAttnBackend"), dict(translate=lambda x: x)])
 def test_other_backends_run_sglang(calls, item_reads, wkw):
-    """A backend not known to tolerate the bound, a unified-pool translate, or no target context
-    length to bound by: SGLang's draft."""
+    """A backend not known to tolerate the bound, or a unified-pool translate: SGLang's draft."""
     out, pb = run(calls, True, [4, 4], host_mirror=False, **wkw)
     assert item_reads and pb.seq_lens_sum == 8
     assert [c for c in calls if c[0] == "build_tree"][0][1] == 8
+
+
+@pytest.mark.parametrize("max_bs", [2, 3])
+def test_bound_past_the_verify_graph_buffer_runs_sglang(calls, item_reads, max_bs):
+    """At the captured max batch the row-sized mask would not fit the verify graph's buffer (the
+    H200 modes-run RuntimeError): that step is SGLang's own, exact sum and all. One request fewer
+    than the captured max still takes the bound."""
+    seq_lens = [37, 5, 120][:max_bs]
+    ref, _ = run(calls, False, seq_lens, host_mirror=False, verify_max_bs=max_bs)
+    ref_calls = list(calls)
+    calls.clear(), item_reads.clear()
+    out, pb = run(calls, True, seq_lens, host_mirror=False, verify_max_bs=max_bs)
+    same_verify(out, ref)
+    assert item_reads and [c[:2] for c in calls] == [c[:2] for c in ref_calls] and pb.seq_lens_sum == sum(seq_lens)
+    calls.clear(), item_reads.clear()
+    run(calls, True, seq_lens[:-1], host_mirror=False, verify_max_bs=max_bs)
+    assert item_reads == [] and [c for c in calls if c[0] == "build_tree"][0][1] == (max_bs - 1) * (MAX_CTX + 8)
+
+
+@pytest.mark.parametrize("verify_max_bs", [None, 1])
+def test_no_verify_graph_buffer_for_the_batch_takes_the_bound(calls, item_reads, verify_max_bs):
+    """No buffer, or a batch past its max_bs (verify runs eager on the mask as allocated): the bound."""
+    out, _ = run(calls, True, [37, 5, 120], host_mirror=False, verify_max_bs=verify_max_bs)
+    assert item_reads == [] and [c for c in calls if c[0] == "build_tree"][0][1] == 3 * (MAX_CTX + 8)
 
 
 def test_idle_batch_runs_sglang(calls):

@@ -12,11 +12,13 @@ What needs the sum, and what this patch gives each (0.5.17):
 
 * ``build_tree_kernel_efficient`` only sizes the FULL_MASK tree mask with it; over-size is safe
   (EAGLE's comment, and the mask is indexed from ``seq_lens`` on the GPU): exact host sum when
-  ``seq_lens_cpu`` exists, else EAGLE v2's own bound ``bs * target max_context_len``. Not the
-  wider ``req_to_token`` row: the verify CUDA graph copies the mask into a buffer SGLang sizes
-  ``max_bs * ndraft * (max_context_len + ndraft)`` (``verify_mask.tree_mask_numel``), and a mask
-  sized from the row overflowed it at ``bs == max_bs`` (``RuntimeError: The expanded size of the
-  tensor (32896) must match the existing size (33152)``, the modes test on the H200).
+  ``seq_lens_cpu`` exists, else ``bs * req_to_token.shape[1]`` (no sequence is longer than its row;
+  SGLang's row has spec slack past the context, so ``bs * max_context_len`` could under-size it).
+  The verify CUDA graph copies the mask into the target backend's buffer, sized
+  ``max_bs * ndraft * (max_context_len + ndraft)``: near the captured max batch the bound-sized
+  mask does not fit (``RuntimeError: The expanded size of the tensor (32896) must match the existing
+  size (33152)``, the modes test on the H200 at ``bs == max_bs``), so such a step runs SGLang's own
+  draft (one sync) instead of a trimmed mask that could hide an over-long request.
 * The draft CUDA graph's ``execute`` adds padding to it and hands it to the draft backend's
   replay. ``TritonAttnBackend`` reads it only to translate a unified (virtual -> physical) pool's
   KV indices and ``TRTLLMHAAttnBackend`` never: the bound is used only with those two backends
@@ -102,24 +104,27 @@ def host_seq_lens_sum(batch) -> Optional[int]:
     return int(cpu.sum()) if cpu is not None else None
 
 
-def target_context_len(worker) -> Optional[int]:
-    """The per-request width the target's verify-mask buffer is sized with; None if unknown."""
-    try:
-        ctx = worker.target_worker.model_runner.attn_backend.max_context_len
-    except AttributeError:
-        return None
-    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
+def seq_lens_bound(batch) -> int:
+    """No request is longer than its req_to_token row."""
+    return int(batch.seq_lens.shape[0]) * int(batch.req_to_token_pool.req_to_token.shape[1])
 
 
-def seq_lens_bound(batch, context_len: int) -> int:
-    """EAGLE v2's bound (eagle_worker_common): the same per-request width as SGLang's verify buffer."""
-    return int(batch.seq_lens.shape[0]) * context_len
+def mask_fits_verify_graph(worker, bs: int, seq_lens_sum: int) -> bool:
+    """The FULL_MASK sized by ``seq_lens_sum`` fits the target's verify CUDA-graph buffer (or none is used)."""
+    vm = getattr(worker.target_worker.model_runner.attn_backend, "verify_mask", None)
+    if vm is None or not vm.fits(bs):  # no buffer for this batch: verify reads the mask as allocated
+        return True
+    nd = worker.speculative_num_draft_tokens
+    return seq_lens_sum * nd + nd * nd * bs <= vm.buffer.numel()
 
 
 def draft(original, worker, batch):
     """AROUND hook: SGLang 0.5.17's draft step, its seq_lens_sum taken from the host."""
-    ctx = target_context_len(worker)
-    if batch.forward_mode.is_idle() or not bound_ok(worker) or ctx is None:
+    if batch.forward_mode.is_idle() or not bound_ok(worker):
+        return original(worker, batch)
+    exact = host_seq_lens_sum(batch)
+    size = exact if exact is not None else seq_lens_bound(batch)
+    if exact is None and not mask_fits_verify_graph(worker, int(batch.seq_lens.shape[0]), size):
         return original(worker, batch)
     from sglang.srt.speculative import frozen_kv_mtp_worker_v2 as m  # its globals: a test's stand-ins serve both paths
     spec_info = batch.spec_info
@@ -127,12 +132,10 @@ def draft(original, worker, batch):
     spec_info.num_tokens_per_req = worker.topk  # the draft forward's width: topk tokens per request
     spec_info.num_tokens_for_logprob_per_req = worker.topk
     spec_info.positions = worker._position_for_batch(batch)
-    exact = host_seq_lens_sum(batch)
-    size = exact if exact is not None else seq_lens_bound(batch, ctx)
     global _announced
     if not _announced:  # once per process: the engine logs show the hook ran, and how
         _announced = True
-        logger.info("%s: %s", FIRED, "exact host sum" if exact is not None else "bound bs * target max_context_len")
+        logger.info("%s: %s", FIRED, "exact host sum" if exact is not None else "bound bs * req_to_token row")
     batch.seq_lens_sum = exact  # None is SGLang's GPU-only signal (what EAGLE v2 leaves)
     batch.return_hidden_states = False
 
