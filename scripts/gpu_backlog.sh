@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|mtp-26b|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -164,9 +164,15 @@ case "${1:-}" in
     [ "$left" -gt 30 ] && SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 timeout -k 5 "$left" \
       $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee -a "$OUT/nosync-modes.txt"
     grep -l "draft step sized from the host" "$OUT"/logs/*.log "$OUT"/mtp-nosync/logs/*.log 2>/dev/null | sed 's/^/fix fired: /' | tee -a "$OUT/nosync-modes.txt" ;;
+  nosync-modes) # issue #19: the lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks on) with
+    # SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1; its 8-running engines reach the verify graph's captured max batch, where
+    # the row-sized mask must fall back to SGLang's exact draft (the overflow of session 12)
+    SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py test/gpu/test_mtp_draft_no_sync_gpu.py \
+      -q -s -rfE 2>&1 | tee "$OUT/nosync-modes.txt"
+    grep -l "draft step sized from the host" "$OUT"/logs/*.log 2>/dev/null | sed 's/^/fix fired: /' | tee -a "$OUT/nosync-modes.txt" ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
-  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
+  *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
 esac
