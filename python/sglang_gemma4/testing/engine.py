@@ -209,9 +209,7 @@ def alloc_port() -> int:
         if not _NEXT_PORT[0]:
             _NEXT_PORT[0] = 20000 + (os.getpid() * 37) % 12000
         for _ in range(2000):
-            _NEXT_PORT[0] += 11
-            if _NEXT_PORT[0] >= 32768:
-                _NEXT_PORT[0] = 20000 + _NEXT_PORT[0] % 11
+            _NEXT_PORT[0] = 20000 + (_NEXT_PORT[0] + 11 - 20000) % 12768  # wrap inside 20000-32767
             port = _NEXT_PORT[0]
             with socket.socket() as s:
                 try:
