@@ -168,7 +168,7 @@ case "${1:-}" in
     # the row-sized mask must fall back to SGLang's exact draft (the overflow of session 12)
     SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py \
       -q -s -rfE 2>&1 | tee "$OUT/nosync-modes.txt"
-    grep -l "draft step sized from the host" "$OUT"/logs/*.log 2>/dev/null | sed 's/^/fix fired: /' | tee -a "$OUT/nosync-modes.txt" ;;
+    grep -H "draft step sized from the host\|bounded tree mask would not fit" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/nosync-modes.txt" ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;

@@ -12,6 +12,7 @@ the GPU tests' (test/gpu/test_mtp_draft_no_sync_gpu.py and the FROZEN_KV_MTP eng
 
 from __future__ import annotations
 
+import logging
 import types
 
 import pytest
@@ -197,7 +198,7 @@ def test_other_backends_run_sglang(calls, item_reads, wkw):
 
 
 @pytest.mark.parametrize("max_bs", [2, 3])
-def test_bound_past_the_verify_graph_buffer_runs_sglang(calls, item_reads, max_bs):
+def test_bound_past_the_verify_graph_buffer_runs_sglang(calls, item_reads, max_bs, monkeypatch, caplog):
     """At the captured max batch the row-sized mask would not fit the verify graph's buffer (the
     H200 modes-run RuntimeError): that step is SGLang's own, exact sum and all. One request fewer
     than the captured max still takes the bound."""
@@ -205,7 +206,11 @@ def test_bound_past_the_verify_graph_buffer_runs_sglang(calls, item_reads, max_b
     ref, _ = run(calls, False, seq_lens, host_mirror=False, verify_max_bs=max_bs)
     ref_calls = list(calls)
     calls.clear(), item_reads.clear()
-    out, pb = run(calls, True, seq_lens, host_mirror=False, verify_max_bs=max_bs)
+    monkeypatch.setattr(nosync, "_fallback_announced", False)
+    with caplog.at_level(logging.INFO, logger=nosync.logger.name):
+        out, pb = run(calls, True, seq_lens, host_mirror=False, verify_max_bs=max_bs)
+    assert [r.getMessage() for r in caplog.records if nosync.FELL_BACK in r.getMessage()] == [
+        f"{nosync.FELL_BACK} (bs={max_bs})"]  # the GPU logs show this path was reached
     same_verify(out, ref)
     assert item_reads and [c[:2] for c in calls] == [c[:2] for c in ref_calls] and pb.seq_lens_sum == sum(seq_lens)
     calls.clear(), item_reads.clear()

@@ -204,3 +204,42 @@ def test_servers_started_together_get_distinct_ports_outside_the_ephemeral_range
         assert engine.alloc_port() == nxt + 11
     explicit = srv.make_server("x", "/m", tmp_path, ["--nccl-port", "23456"])
     assert explicit.cmd.count("--nccl-port") == 1
+
+
+def test_sigterm_stops_queued_engines(stub):
+    """A part killed by its outer ``timeout`` must not go on starting the engines still queued in run_many
+    (a killed modes run once kept launching them beside the next part on the GPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = stub / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from sglang_gemma4.testing import engine
+        engine.CHILD_MODULE = "stub_child"
+        cfgs = [engine.EngineConfig(f"e{{i}}", str(Path({str(stub)!r}) / "model"), [engine.Job("a", [[2, 9]], 2)],
+                                    env={{"STUB_MODE": "hang"}}) for i in range(4)]
+        engine.run_many(cfgs, parallel=1, warm_first=False, log_dir={str(stub / "logs")!r})
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub)] + sys.path))
+    p = subprocess.Popen([sys.executable, str(driver)], env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "child started" not in _read(stub / "logs" / "e0.log"):
+            time.sleep(0.1)
+        assert "child started" in _read(stub / "logs" / "e0.log")
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 128 + signal.SIGTERM
+    started = sorted(f.name for f in (stub / "logs").glob("*.log"))
+    assert started == ["e0.log"], started  # e1..e3 never started
+
+
+def _read(path):
+    return path.read_text() if path.exists() else ""

@@ -55,6 +55,8 @@ FIRED = "FROZEN_KV_MTP draft step sized from the host (no seq_lens .item())"
 
 logger = logging.getLogger("sglang_gemma4")
 _announced = False
+FELL_BACK = "FROZEN_KV_MTP draft step: the bounded tree mask would not fit the verify graph; SGLang's exact draft"
+_fallback_announced = False
 
 
 class MtpDraftNoSync(Patch):
@@ -125,6 +127,10 @@ def draft(original, worker, batch):
     exact = host_seq_lens_sum(batch)
     size = exact if exact is not None else seq_lens_bound(batch)
     if exact is None and not mask_fits_verify_graph(worker, int(batch.seq_lens.shape[0]), size):
+        global _fallback_announced
+        if not _fallback_announced:  # once: the logs show the captured-max-batch path was reached
+            _fallback_announced = True
+            logger.info("%s (bs=%d)", FELL_BACK, int(batch.seq_lens.shape[0]))
         return original(worker, batch)
     from sglang.srt.speculative import frozen_kv_mtp_worker_v2 as m  # its globals: a test's stand-ins serve both paths
     spec_info = batch.spec_info

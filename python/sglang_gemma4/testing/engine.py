@@ -108,6 +108,10 @@ _PORT_LOCK = threading.Lock()
 _NEXT_PORT = [0]
 _ACTIVE: Dict[int, subprocess.Popen] = {}  # engines we started and have not reaped
 _CLEANUP_INSTALLED = [False]
+# Set by SIGTERM: run_many's worker threads outlive the main thread's SystemExit until the executor
+# drains, and must not start the queued engines (a killed test part once kept launching them beside
+# the next part).
+_TERMINATING = threading.Event()
 
 
 def _kill_active(*_args) -> None:
@@ -127,6 +131,7 @@ def _install_cleanup() -> None:
     prev = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):
+        _TERMINATING.set()
         _kill_active()
         if callable(prev):
             prev(signum, frame)
@@ -289,6 +294,8 @@ def run_engine(
     child_env.setdefault("PYTHONUNBUFFERED", "1")
 
     _install_cleanup()
+    if _TERMINATING.is_set():
+        raise RuntimeError(f"engine {name} not started: this process is terminating (SIGTERM)")
     work = Path(tempfile.mkdtemp(prefix="sgl-g4-engine-"))
     req_path, res_path = work / "request.json", work / "result.json"
     req_path.write_text(
@@ -454,6 +461,7 @@ def run_many(
     results: Dict[str, Dict[str, Any]] = {}
     lock_dir = Path(tempfile.mkdtemp(prefix="sgl-g4-lock-"))
     lock = lock_dir / "gpu.lock" if serialize_jobs else None
+    _install_cleanup()  # here, on the calling thread: the workers cannot install a signal handler
 
     def one(c: EngineConfig) -> None:
         r = run_engine(
@@ -468,9 +476,14 @@ def run_many(
     if warm_first and configs:
         one(configs[0])
         rest = configs[1:]
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
+    ex = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         for f in [ex.submit(one, c) for c in rest]:
             f.result()
+    except BaseException:  # SIGTERM's SystemExit, or one engine's error: queued engines must not start
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
     try:
         for p in lock_dir.iterdir():
             p.unlink()
