@@ -161,10 +161,33 @@ def patient_flush(flush, wait_s: float = 15.0, poll_s: float = 0.25):
     return call
 
 
+class _ThreadStdout:
+    """sys.stdout per thread. contextlib.redirect_stdout swaps the process-wide stream, so a bench_serving
+    thread left hanging past its timeout kept our own prints in its log, and the next run's redirect saved and
+    later restored that (closed) log: serve.py's final print raised "I/O operation on closed file" (H200,
+    2026-12-04). Each bench thread now writes to its own log; every other thread to the real stdout."""
+
+    def __init__(self, real):
+        self.real, self.local = real, threading.local()
+
+    def __getattr__(self, name):
+        return getattr(getattr(self.local, "target", None) or self.real, name)
+
+    def write(self, text):
+        return (getattr(self.local, "target", None) or self.real).write(text)
+
+    def flush(self):
+        return (getattr(self.local, "target", None) or self.real).flush()
+
+
+def _thread_stdout() -> _ThreadStdout:
+    if not isinstance(sys.stdout, _ThreadStdout):
+        sys.stdout = _ThreadStdout(sys.stdout)
+    return sys.stdout
+
+
 def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeout: float) -> Dict[str, Any]:
     """One ``sglang.bench_serving`` run, in this process (its import costs ~15 s; runs here cost none)."""
-    import contextlib
-
     _stub_hf_datasets()
     from sglang.benchmark import serving as bench_serving
 
@@ -197,10 +220,16 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
     sys.argv = ["sglang.bench_serving", *argv]
     box: Dict[str, Any] = {}
 
+    stdout = _thread_stdout()
+
     def go():
         try:
-            with open(out.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log):
-                bench_serving.cli_main()
+            with open(out.with_suffix(".log"), "w") as log:
+                stdout.local.target = log
+                try:
+                    bench_serving.cli_main()
+                finally:
+                    stdout.local.target = None
         except BaseException as e:  # SystemExit on its own errors
             box["error"] = e
 
@@ -225,6 +254,20 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
     return res
 
 
+def _abandon_trace(s: srv.Server, d: Path) -> None:
+    """A trace that never completed: stop the profiler (a server left tracing answered no timed run for the
+    rest of a call on the H200) and drop the partial files (200 MB of them did not fit the result tarball)."""
+    try:
+        srv.http(s.base + "/stop_profile", {})
+    except Exception:
+        pass
+    for p in sorted(d.rglob("*"), reverse=True):
+        try:
+            p.unlink() if p.is_file() else p.rmdir()
+        except OSError:
+            pass
+
+
 def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, delay_s: float,
                  timeout: float, activities: Optional[List[str]] = None) -> Dict[str, Any]:
     """Trace ``steps`` scheduler steps of a live load (started ``delay_s`` in, past the prefills)."""
@@ -246,6 +289,7 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
         time.sleep(2)
         traces = sorted(p for p in d.rglob("*") if p.suffix in (".json", ".gz") and p.stat().st_size > 0)
     if not traces:
+        _abandon_trace(s, d)
         raise RuntimeError(f"no trace written under {d}")
     evs = None
     while evs is None:  # the server may still be writing (a gz read early ends in EOFError)
@@ -257,6 +301,7 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
         except (EOFError, json.JSONDecodeError, OSError, zlib.error):
             evs = None
         if evs is None and time.time() > deadline + 60:
+            _abandon_trace(s, d)
             raise RuntimeError(f"trace under {d} still incomplete after 150 s")
     t = decode_profile.table([k for ev in evs for k in decode_profile.kernels(ev)], steps)
     t["timeline"] = decode_profile.combine_timelines([decode_profile.gpu_timeline(ev) for ev in evs])
@@ -392,6 +437,21 @@ def write_report(result: Dict[str, Any], json_path: Path) -> None:
     except ImportError:
         return
     pairs = [(wl, pair, r) for wl, rows in result["compare"].items() for pair, r in rows.items()]
+    steps = [(wl, arm, r) for wl, rows in (result.get("spec") or {}).items() for arm, r in rows.items()]
+    if not pairs and steps:  # spec arms against plain only: plot the step costs (the break-even accept length)
+        fig, ax = plt.subplots(figsize=(max(6, len(steps) * 1.3), 4))
+        xs = range(len(steps))
+        ax.bar([x - 0.2 for x in xs], [r["plain_step_ms"] for *_, r in steps], 0.4, label="plain decode step")
+        ax.bar([x + 0.2 for x in xs], [r["spec_step_ms"] for *_, r in steps], 0.4, label="speculative step")
+        for x, (*_, r) in zip(xs, steps):
+            ax.text(x + 0.2, r["spec_step_ms"], f"{r['break_even_accept_length']:.2f}x", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs), [f"{wl}\n{arm}" for wl, arm, _ in steps], fontsize=7)
+        ax.set_ylabel("ms per step (label: spec / plain)")
+        ax.set_title(f"{result['model']} FROZEN_KV_MTP step cost, {result['versions'].get('gpu')}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(json_path.with_suffix(".png"), dpi=110)
+        return
     if not pairs:
         return
     fig, ax = plt.subplots(figsize=(max(6, len(pairs) * 1.1), 4))

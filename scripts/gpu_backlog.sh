@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -172,6 +172,14 @@ case "${1:-}" in
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
+  mtp-26b-v2) # issue #19 on 26B-A4B: overlap (V2=1) vs synchronous (V2=0), the two spec servers side by side at
+    # equal static budgets (ratios V2=1 / V2=0), each one's speculative step traced first (GPU only: a CPU+GPU trace of the 26B overlap server
+    # took > 150 s to write and stalled it)
+    V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
+    $PY bench/serve.py --model 26b --arms "$V1,$V0" --base "$V0" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
+      --deadline-s "${SERVE_DEADLINE_S:-430}" --bench-timeout 60 --extra-server-args "${SERVE_EXTRA:-}" \
+      --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c16}" --profile "$V1:chat_c1,$V0:chat_c1" --profiles-first \
+      --profile-activities "${SERVE_PROFILE_ACTIVITIES:-GPU}" --out "$OUT/mtp-26b-v2" 2>&1 | tee "$OUT/mtp-26b-v2.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
   *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
 esac

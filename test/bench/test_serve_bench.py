@@ -357,3 +357,37 @@ def test_patient_flush_retries_a_400_then_gives_up(serve):
     with pytest.raises(requests.HTTPError, match="400"):
         serve.patient_flush(lambda *a: n.append(1) or (_ for _ in ()).throw(http_error(400)), wait_s=0.05, poll_s=0.01)("u", "s")
     assert len(n) >= 2
+
+
+def test_bench_threads_keep_their_own_stdout(serve, tmp_path, monkeypatch, capsys):
+    """A bench_serving thread that outlives its timeout must neither capture the main thread's prints nor
+    leave sys.stdout on its (closed) log (serve.py's final print raised ValueError on the H200)."""
+    import sys
+    import threading
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # restored after the test
+    out = serve._thread_stdout()
+    started, release = threading.Event(), threading.Event()
+    logs = [tmp_path / "hung.log", tmp_path / "next.log"]
+
+    def bench(log_path, hang):
+        with open(log_path, "w") as log:
+            out.local.target = log
+            try:
+                print(f"inside {log_path.name}")
+                started.set()
+                if hang:
+                    release.wait(10)
+            finally:
+                out.local.target = None
+
+    hung = threading.Thread(target=bench, args=(logs[0], True))
+    hung.start()
+    started.wait(10)
+    print("main while hung")
+    nxt = threading.Thread(target=bench, args=(logs[1], False))
+    nxt.start(), nxt.join()
+    release.set(), hung.join()
+    print("main at the end")
+    assert logs[0].read_text() == "inside hung.log\n" and logs[1].read_text() == "inside next.log\n"
+    assert capsys.readouterr().out == "main while hung\nmain at the end\n"
