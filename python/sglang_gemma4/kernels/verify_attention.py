@@ -1,0 +1,275 @@
+"""Split-KV attention for the speculative target-verify step of a draft chain (topk = 1).
+
+Why: SGLang's triton backend runs target-verify through its prefill kernel (``_fwd_kernel``), whose grid is
+(sequences, q heads, query blocks). A verify step has ``L`` = num_draft_tokens (2-8) queries per sequence, so
+at batch 1 a 16-head layer gets 16 programs, each walking the whole prefix serially: 164 us per layer at 1k
+context on Gemma-4 26B-A4B (H200), 48 % of the speculative step (runs/mtp-26b-v2-nvidia-h200.md), while plain
+decode attention over the same keys takes a fraction of that. Here the prefix is split across programs
+(flash-decode) and the partials are merged with the causal draft-draft block in a second launch.
+
+Math, per sequence b, q head h (kv head h // (Hq / Hkv)), draft query m in [0, L) at relative position Lp + m,
+where the layer's prefix keys j in [0, Lp) are ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` (SGLang trims them to
+the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` rows b*L .. b*L+L-1:
+  1. s_mj = (q_m . k_j) * sm_scale for prefix keys with (W < 0 or Lp + m - j <= W), and for draft keys n <= m
+     with (W < 0 or m - n <= W); every other score is -inf. W is SGLang's exclusive radius (the layer's
+     ``sliding_window_size``), the mask ``extend_attention_fwd`` applies.
+  2. o_m = softmax_j(s_mj) @ v, accumulated in fp32; probabilities are rounded to v's dtype before the
+     p @ v product, as SGLang's kernel does.
+  Stage 1, grid (bs, Hq, S): split s of the prefix -> its normalised partial output and log-sum-exp.
+  Stage 2, grid (bs, Hq): log-sum-exp merge of the S partials and the draft block -> o.
+The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host);
+each split's key range is cut from its own sequence's length inside the kernel, so unused splits end at once.
+
+Scope: causal chains only. A tree (topk > 1) is not causal between drafts; the caller must not use this then.
+Pure torch + Triton; :func:`verify_attention_ref` is the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_DRAFT = 16  # rows of one program's query tile
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # Triton 3.6's interpreter returns garbage for a bf16 tl.dot (CPU tests); there the already-rounded
+    # operands are multiplied in fp32, which is what the GPU's bf16 MMA computes too
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _verify_prefix_kernel(
+    Q, K_Buf, V_Buf, Kv_Indptr, Kv_Indices, Mid_O, Mid_Lse,
+    sm_scale,
+    stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_ob, stride_oh, stride_os, stride_om,
+    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    kvh = h // kv_group
+    kv_start = tl.load(Kv_Indptr + b)
+    lp = tl.load(Kv_Indptr + b + 1) - kv_start
+    chunk = tl.cdiv(tl.cdiv(lp, NSPLIT), BLOCK_N) * BLOCK_N
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, lp)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < L
+    q = tl.load(Q + (b * L + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    e_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    e_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        mask_n = n < hi
+        loc = tl.load(Kv_Indices + kv_start + n, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(K_Buf + loc[None, :] * stride_kb + kvh * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :] & (offs_d[:, None] < D), other=0.0)
+        qk = _dot(q, k, DOT_F32) * sm_scale
+        keep = mask_m[:, None] & mask_n[None, :]
+        if W >= 0:
+            keep &= (lp + offs_m[:, None] - n[None, :]) <= W
+        qk = tl.where(keep, qk, float("-inf"))
+        n_max = tl.maximum(e_max, tl.max(qk, 1))
+        safe = tl.where(n_max == float("-inf"), 0.0, n_max)  # a row with no key yet: no NaN
+        p = tl.exp(qk - safe[:, None])
+        alpha = tl.exp(e_max - safe)
+        v = tl.load(V_Buf + loc[:, None] * stride_vb + kvh * stride_vh + offs_dv[None, :],
+                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+        e_sum = e_sum * alpha + tl.sum(p, 1)
+        e_max = n_max
+
+    has = e_sum > 0
+    out = acc / tl.where(has, e_sum, 1.0)[:, None]
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    base = b * stride_ob + h * stride_oh + s * stride_os
+    tl.store(Mid_O + base + offs_m[:, None] * stride_om + offs_dv[None, :], out,
+             mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m, lse)
+
+
+@triton.jit
+def _verify_merge_kernel(
+    Q, K_Draft, V_Draft, O, Mid_O, Mid_Lse,
+    sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_ob, stride_mh, stride_ms, stride_mm,
+    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // kv_group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < L
+    mask_dv = offs_dv < DV
+
+    e_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    e_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for s in range(NSPLIT):  # prefix partials: each is softmax-normalised, weight exp(lse)
+        lse = tl.load(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m)
+        part = tl.load(Mid_O + b * stride_ob + h * stride_mh + s * stride_ms + offs_m[:, None] * stride_mm
+                       + offs_dv[None, :], mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        n_max = tl.maximum(e_max, lse)
+        safe = tl.where(n_max == float("-inf"), 0.0, n_max)
+        alpha = tl.exp(e_max - safe)
+        w = tl.exp(lse - safe)
+        acc = acc * alpha[:, None] + part * w[:, None]
+        e_sum = e_sum * alpha + w
+        e_max = n_max
+
+    # the causal draft-draft block: draft n is key row b*L + n
+    q = tl.load(Q + (b * L + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    k = tl.load(K_Draft + (b * L + offs_m[None, :]) * stride_kt + kvh * stride_kh + offs_d[:, None],
+                mask=mask_m[None, :] & (offs_d[:, None] < D), other=0.0)
+    qk = _dot(q, k, DOT_F32) * sm_scale
+    keep = mask_m[:, None] & mask_m[None, :] & (offs_m[None, :] <= offs_m[:, None])
+    if W >= 0:
+        keep &= (offs_m[:, None] - offs_m[None, :]) <= W
+    qk = tl.where(keep, qk, float("-inf"))
+    n_max = tl.maximum(e_max, tl.max(qk, 1))
+    safe = tl.where(n_max == float("-inf"), 0.0, n_max)
+    p = tl.exp(qk - safe[:, None])
+    alpha = tl.exp(e_max - safe)
+    v = tl.load(V_Draft + (b * L + offs_m[:, None]) * stride_vt + kvh * stride_vh + offs_dv[None, :],
+                mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+    e_sum = e_sum * alpha + tl.sum(p, 1)
+    out = acc / tl.where(e_sum > 0, e_sum, 1.0)[:, None]
+    tl.store(O + (b * L + offs_m[:, None]) * stride_ot + h * stride_oh + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def num_splits(bs: int, num_q_heads: int, device: torch.device) -> int:
+    """About four programs per SM over the prefix, 1..32 splits (a function of the shapes only)."""
+    return max(1, min(32, triton.cdiv(4 * _sm_count(device), max(1, bs * num_q_heads))))
+
+
+def _check(name: str, t: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} needs unit stride in its last dim, got strides {t.stride()}")
+
+
+def verify_attention_fwd(
+    q: torch.Tensor, k_draft: torch.Tensor, v_draft: torch.Tensor, o: torch.Tensor,
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+    num_draft: int, sm_scale: float, sliding_window: int = -1, splits: Optional[int] = None,
+    block_n: Optional[int] = None, num_warps: Optional[int] = None,
+) -> torch.Tensor:
+    """Attention of ``num_draft`` chained draft queries per sequence over their prefix and each other; writes ``o``.
+
+    q [bs*L, Hq, D], k_draft [bs*L, Hkv, D], v_draft [bs*L, Hkv, Dv], o [bs*L, Hq, Dv]; k_buffer
+    [slots, Hkv, D], v_buffer [slots, Hkv, Dv] (the KV pool); kv_indptr [bs+1], kv_indices: pool slots of the
+    prefix keys. ``sliding_window``: the exclusive radius W (-1: full attention). See the module docstring.
+    """
+    L = int(num_draft)
+    if not 1 <= L <= MAX_DRAFT:
+        raise ValueError(f"num_draft must be in [1, {MAX_DRAFT}], got {num_draft}")
+    for name, t, dim in (("q", q, 3), ("k_draft", k_draft, 3), ("v_draft", v_draft, 3), ("o", o, 3),
+                         ("k_buffer", k_buffer, 3), ("v_buffer", v_buffer, 3), ("kv_indptr", kv_indptr, 1),
+                         ("kv_indices", kv_indices, 1)):
+        _check(name, t, dim)
+    bs = kv_indptr.shape[0] - 1
+    T, Hq, D = q.shape
+    Hkv, Dv = k_draft.shape[1], v_draft.shape[2]
+    if bs < 1 or T != bs * L:
+        raise ValueError(f"q has {T} rows; a verify batch of {bs} sequences x {L} drafts needs {bs * L}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"{Hq} q heads are not a multiple of {Hkv} kv heads")
+    if k_draft.shape != (T, Hkv, D) or v_draft.shape[:2] != (T, Hkv) or o.shape != (T, Hq, Dv):
+        raise ValueError(f"shapes disagree: q {tuple(q.shape)}, k_draft {tuple(k_draft.shape)}, "
+                         f"v_draft {tuple(v_draft.shape)}, o {tuple(o.shape)}")
+    if k_buffer.shape[1:] != (Hkv, D) or v_buffer.shape[1:] != (Hkv, Dv):
+        raise ValueError(f"KV pool {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} does not match "
+                         f"{Hkv} kv heads of dims {D} / {Dv}")
+    if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
+    S = int(splits) if splits is not None else num_splits(bs, Hq, q.device)
+    if S < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    BLOCK_M = max(16, triton.next_power_of_2(L))
+    BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    BLOCK_N = block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16)
+    warps = num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8)
+    W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
+
+    mid_o = torch.empty((bs, Hq, S, L, Dv), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((bs, Hq, S, BLOCK_M), dtype=torch.float32, device=q.device)
+    common = dict(kv_group=Hq // Hkv, L=L, W=W, NSPLIT=S, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                  BLOCK_DV=BLOCK_DV, DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=warps, num_stages=1)
+    _verify_prefix_kernel[(bs, Hq, S)](
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, float(sm_scale),
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), BLOCK_N=BLOCK_N, **common)
+    _verify_merge_kernel[(bs, Hq)](
+        q, k_draft, v_draft, o, mid_o, mid_lse, float(sm_scale),
+        q.stride(0), q.stride(1), k_draft.stride(0), k_draft.stride(1), v_draft.stride(0), v_draft.stride(1),
+        o.stride(0), o.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), **common)
+    return o
+
+
+def verify_attention_ref(
+    q: torch.Tensor, k_draft: torch.Tensor, v_draft: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor, kv_indices: torch.Tensor, num_draft: int, sm_scale: float, sliding_window: int = -1,
+) -> torch.Tensor:
+    """fp32 reference of :func:`verify_attention_fwd` (per sequence, dense softmax), output in q's dtype."""
+    L = int(num_draft)
+    bs = kv_indptr.shape[0] - 1
+    Hq, Hkv = q.shape[1], k_draft.shape[1]
+    W = sliding_window if sliding_window is not None and sliding_window >= 0 else None
+    out = []
+    for b in range(bs):
+        idx = kv_indices[int(kv_indptr[b]):int(kv_indptr[b + 1])].long()
+        lp = idx.numel()
+        k = torch.cat([k_buffer[idx], k_draft[b * L:(b + 1) * L]]).float()  # [lp + L, Hkv, D]
+        v = torch.cat([v_buffer[idx], v_draft[b * L:(b + 1) * L]]).float()
+        k = k.repeat_interleave(Hq // Hkv, 1)
+        v = v.repeat_interleave(Hq // Hkv, 1)
+        qb = q[b * L:(b + 1) * L].float()
+        s = torch.einsum("mhd,jhd->hmj", qb, k) * sm_scale
+        qpos = lp + torch.arange(L)[:, None]
+        kpos = torch.arange(lp + L)[None, :]
+        keep = kpos <= qpos
+        if W is not None:
+            keep &= (qpos - kpos) <= W
+        s = s.masked_fill(~keep.to(s.device), float("-inf"))
+        out.append(torch.einsum("hmj,jhd->mhd", torch.softmax(s, -1), v))
+    return torch.cat(out).to(q.dtype)
