@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|mtp-26b-verify|verify-splitkv|verify-splitkv-modes|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -180,6 +180,20 @@ case "${1:-}" in
       --deadline-s "${SERVE_DEADLINE_S:-430}" --bench-timeout 60 --extra-server-args "${SERVE_EXTRA:-}" \
       --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c16}" --profile "$V1:chat_c1,$V0:chat_c1" --profiles-first \
       --profile-activities "${SERVE_PROFILE_ACTIVITIES:-GPU}" --out "$OUT/mtp-26b-v2" 2>&1 | tee "$OUT/mtp-26b-v2.txt" ;;
+  verify-splitkv) # issue #19: the split-KV target-verify kernel compiled at Gemma-4 widths (tests vs fp32 and SGLang's
+    # extend kernel), its patch's CPU-shaped tests, then the kernel bench vs SGLang (VERIFY_BENCH=full for all batches)
+    $PY -m pytest test/kernels/test_verify_attention.py test/patches/test_verify_splitkv.py -q -rfE 2>&1 | tee "$OUT/verify-tests.txt"
+    $PY bench/verify_attention.py --out "$OUT/runs" $([ "${VERIFY_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/verify-bench.txt" ;;
+  verify-splitkv-modes) # issue #19: lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks) with the kernel on
+    SGLANG_GEMMA4_VERIFY_SPLITKV=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/verify-modes.txt"
+    grep -H "split-KV target-verify attention" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/verify-modes.txt" ;;
+  mtp-26b-verify) # issue #19 on 26B-A4B: FROZEN_KV_MTP V2=1 with the split-KV verify kernel vs without, side by side
+    # (equal static budgets), then each one's step traced; ratios vs SGLang's verify
+    V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"
+    $PY bench/serve.py --model 26b --arms "$V1,$V1+SGLANG_GEMMA4_VERIFY_SPLITKV=1" --base "$V1" --static-gib "${SERVE_STATIC_GIB:-62}" \
+      --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-430}" --bench-timeout 60 --extra-server-args "${SERVE_EXTRA:-}" \
+      --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c16}" --profile "$V1+SGLANG_GEMMA4_VERIFY_SPLITKV=1:chat_c1" \
+      --out "$OUT/mtp-26b-verify" 2>&1 | tee "$OUT/mtp-26b-verify.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
   *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;
 esac

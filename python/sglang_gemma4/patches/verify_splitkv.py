@@ -1,0 +1,168 @@
+"""Split-KV target-verify attention for Gemma-4 FROZEN_KV_MTP / EAGLE chains (topk 1) on the triton backend.
+
+Not from the seed series: issue #19's 26B-A4B step profile (runs/mtp-26b-v2-nvidia-h200.md, H200). There,
+target-verify attention is 48 % of the speculative step's kernel time: SGLang's prefill ``_fwd_kernel`` with
+16 programs per layer at batch 1, 164 us each at 1k context. Plain decode attention is a fraction of that.
+
+SGLang 0.5.17 already has the dispatch and a split-KV kernel. ``TritonAttnBackend.forward_extend`` calls
+``self.verify_splitkv_fwd(...)`` on target-verify when ``self.use_verify_splitkv``, and falls back to
+``extend_attention_fwd`` when that returns False. But ``use_verify_splitkv`` is only set on gfx95 (AMD MI350),
+and its ``can_handle`` refuses sliding-window layers, 25 of 26B's 30.
+
+Hook: AFTER ``TritonAttnBackend.__init__``. An eligible backend gets ``use_verify_splitkv = True``, and its
+``verify_splitkv_fwd`` becomes :func:`verify_fwd`. That runs
+:func:`sglang_gemma4.kernels.verify_attention.verify_attention_fwd`, which applies the per-draft window mask
+``extend_attention_fwd`` applies. For anything else it returns False, so SGLang's own kernel runs:
+- tensors or scales it was not built for (fp8 KV, sinks, logit cap, xai temperature, non-causal);
+- a ragged batch;
+- more than 16 drafts.
+SGLang's own gate still requires ``forward_mode.is_target_verify()`` and no ``score_mod``.
+
+Eligibility:
+- a Gemma-4 model runner;
+- speculative ``topk == 1`` (a chain: the tree mask is causal; topk > 1 trees keep SGLang's kernel);
+- page size 1, no decode-context parallelism, no deterministic mode, no MLA.
+
+Default off until measured on a GPU: CPU-interpreter tests (SGLang's real ``forward_extend``, patched vs not)
+pass. Enable with ``SGLANG_GEMMA4_VERIFY_SPLITKV=1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from typing import Any, Optional
+
+from sglang_gemma4.registry import Patch
+
+logger = logging.getLogger("sglang_gemma4")
+
+_TRITON = "sglang.srt.layers.attention.triton_backend"
+INIT = f"{_TRITON}.TritonAttnBackend.__init__"
+FIRED = "split-KV target-verify attention (sglang-gemma4) running"
+
+_announced = [False]
+_PATCHED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def eligible(backend: Any, model_runner: Any) -> Optional[str]:
+    """None when the backend's target-verify can take the split-KV kernel, else why not."""
+    from sglang_gemma4.kernels.verify_attention import MAX_DRAFT
+    from sglang_gemma4.patches.triton_swa_window import is_gemma4_runner
+
+    if not is_gemma4_runner(model_runner):
+        return "not a Gemma-4 model"
+    if getattr(backend, "topk", None) != 1:
+        return f"speculative topk {getattr(backend, 'topk', None)} (chains only: topk 1)"
+    nd = getattr(backend, "num_draft_tokens", None)
+    if not isinstance(nd, int) or not 1 <= nd <= MAX_DRAFT:
+        return f"num_draft_tokens {nd} (1..{MAX_DRAFT})"
+    if getattr(backend, "page_size", 1) != 1 or getattr(backend, "dcp_size", 1) != 1:
+        return "page size or decode-context parallelism > 1"
+    if getattr(backend, "enable_deterministic", False) or getattr(backend, "use_mla", False):
+        return "deterministic mode or MLA"
+    return None
+
+
+def after_init(result, self, model_runner, *args, **kwargs):
+    try:
+        why = eligible(self, model_runner)
+        if why is None:
+            self.use_verify_splitkv = True
+            self.verify_splitkv_fwd = verify_fwd
+            _PATCHED.add(self)
+    except Exception:  # unexpected backend shape: SGLang's behaviour
+        logger.exception("verify_splitkv: eligibility check failed; backend left unpatched")
+    return None
+
+
+def _is_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _unit(scale) -> bool:
+    if _is_tensor(scale):  # reading it would sync inside the verify graph
+        return False
+    try:
+        return float(scale) == 1.0
+    except (TypeError, ValueError):
+        return False
+
+
+def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+               custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale, sm_scale=None,
+               logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None,
+               window_kv_offsets=None, xai_temperature_len=-1, **_ignored) -> bool:
+    """SGLang's ``verify_splitkv_fwd`` contract: True if it wrote ``o_extend``, False to run SGLang's kernel.
+
+    ``custom_mask`` is not read: at topk 1 it is the causal chain this kernel applies (and reading it
+    would sync). Only shapes, dtypes and Python scalars decide, so the call is CUDA-graph safe."""
+    from sglang_gemma4.kernels.verify_attention import MAX_DRAFT, verify_attention_fwd
+
+    if (not is_causal or sinks is not None or (logit_cap or 0) > 0 or (xai_temperature_len or -1) > 0
+            or not _unit(k_scale) or not _unit(v_scale) or _is_tensor(max_len_extend)):
+        return False
+    L = int(max_len_extend)
+    bs = qo_indptr.shape[0] - 1
+    if not 1 <= L <= MAX_DRAFT or bs < 1 or q_extend.dim() != 3 or q_extend.shape[0] != bs * L:
+        return False
+    if k_buffer.dim() != 3 or v_buffer.dim() != 3 or k_buffer.dtype != q_extend.dtype \
+            or v_buffer.dtype != q_extend.dtype or k_extend.dtype != q_extend.dtype:
+        return False
+    if k_extend.dim() != 3 or k_buffer.shape[1:] != k_extend.shape[1:] or v_buffer.shape[1:] != v_extend.shape[1:]:
+        return False
+    if not _announced[0]:  # once per process: the engine log shows the kernel ran
+        _announced[0] = True
+        logger.info("%s: %d drafts, window %s", FIRED, L, sliding_window_size)
+    scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
+    window = sliding_window_size if sliding_window_size is not None and sliding_window_size > 0 else -1
+    verify_attention_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
+                         L, scale, window)
+    return True
+
+
+class VerifySplitKV(Patch):
+    name = "verify_splitkv"
+    summary = "split-KV target-verify attention for Gemma-4 draft chains on triton (default off until measured on a GPU)"
+    knob = "SGLANG_GEMMA4_VERIFY_SPLITKV"
+    default = False
+    seed = "- (issue #19 26B step profile; not in the seed)"
+    targets = (INIT,)
+
+    def unavailable(self) -> Optional[str]:
+        from sglang.srt.layers.attention import triton_backend as tb
+
+        src = inspect.getsource(tb.TritonAttnBackend.forward_extend)
+        for needle in ("self.use_verify_splitkv", "self.verify_splitkv_fwd(", "is_target_verify()"):
+            if needle not in src:
+                return f"TritonAttnBackend.forward_extend no longer has {needle!r} (the verify dispatch this patch feeds)"
+        return None
+
+    def upstream(self) -> Optional[str]:
+        from sglang.srt.layers.attention import triton_backend as tb
+
+        try:
+            from sglang.kernels.ops.attention import verify_splitkv as vs
+        except ImportError:
+            return None
+        init = inspect.getsource(tb.TritonAttnBackend.__init__)
+        handle = inspect.getsource(vs.can_handle)
+        if "is_gfx95_supported()" not in init and "sliding_window_size > 0" not in handle:
+            return "SGLang's own split-KV verify runs on CUDA and takes sliding-window layers"
+        return None
+
+    def detail(self, value: Optional[bool]) -> str:
+        if value:
+            return "Gemma-4 target-verify (topk 1) attention split across the prefix, sliding windows included"
+        return "SGLang's prefill kernel for target-verify (one program per sequence and head at each query block)"
+
+    def register(self, value: Optional[bool]) -> None:
+        from sglang.srt.plugins.hook_registry import HookType
+
+        self.hook(INIT, after_init, HookType.AFTER)
+
+
+PATCH = VerifySplitKV()

@@ -1,0 +1,180 @@
+"""verify_splitkv on SGLang 0.5.17's real ``TritonAttnBackend.forward_extend`` (target-verify), on CPU.
+
+The backend is made with ``object.__new__`` and given the attributes forward_extend reads (its ``__init__``
+needs a GPU model runner); the patch's own ``after_init`` decides eligibility. The reference is the same call
+unpatched: SGLang's ``extend_attention_fwd`` with the chain's tree mask (Triton interpreter, fp32, where the
+interpreter's dot is exact).
+"""
+
+import types
+
+import pytest
+import torch
+
+from sglang_gemma4 import registry
+from sglang_gemma4.patches import verify_splitkv as vsk
+from sglang_gemma4.testing.hooks import patch_applied
+
+tb = pytest.importorskip("sglang.srt.layers.attention.triton_backend")
+L, HQ, HKV, D = 4, 4, 2, 32
+SWS = 6  # a sliding layer's exclusive radius
+
+
+def _runner(arch="Gemma4ForCausalLM"):
+    return types.SimpleNamespace(model=type(arch, (), {})(), model_config=types.SimpleNamespace(
+        hf_config=types.SimpleNamespace(architectures=[arch])))
+
+
+class _Pool:
+    """One layer's KV buffers; set_kv_buffer writes the draft tokens' K/V as SGLang's pool does."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def get_key_buffer(self, layer_id):
+        return self.k
+
+    def get_value_buffer(self, layer_id):
+        return self.v
+
+    def set_kv_buffer(self, layer, loc, k, v, *scales, **kw):
+        self.k[loc.loc], self.v[loc.loc] = k, v
+
+
+def _backend(pool, topk=1, runner=None, patched=True):
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    b = object.__new__(tb.TritonAttnBackend)
+    b.__dict__.update(
+        token_to_kv_pool=pool, _translate_kv_loc=None, dcp_size=1, page_size=1, enable_deterministic=False,
+        use_mla=False, topk=topk, num_draft_tokens=L, allow_bidirectional_attention_in_extend=False,
+        use_verify_splitkv=False, verify_splitkv_fwd=None, extend_attention_fwd=extend_attention_fwd,
+        req_to_token_pool=types.SimpleNamespace(size=8),
+    )
+    if patched:
+        vsk.after_init(None, b, runner or _runner())
+    return b
+
+
+def _case(prefix_lens, window, seed=0):
+    """Pool, draft q/k/v, target-verify metadata (as SGLang builds it: chain mask over the untrimmed row,
+    window buffers of the last min(P, sws) prefix keys with their offsets)."""
+    g = torch.Generator().manual_seed(seed)
+    bs = len(prefix_lens)
+    slots = sum(prefix_lens) + bs * L + 5
+    perm = torch.randperm(slots, generator=g)
+    k_buf, v_buf = torch.randn(slots, HKV, D, generator=g), torch.randn(slots, HKV, D, generator=g)
+    prefix, at = [], 0
+    for P in prefix_lens:
+        prefix.append(perm[at:at + P])
+        at += P
+    out_loc = perm[at:at + bs * L]
+    kept = [p[max(0, p.numel() - window):] if window > 0 else p for p in prefix]
+    masks = []
+    for P in prefix_lens:
+        m = torch.ones(L, P + L, dtype=torch.bool)
+        m[:, P:] = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        masks.append(m.flatten())
+    md = types.SimpleNamespace(
+        max_extend_len=L, qo_indptr=(torch.arange(bs + 1) * L).to(torch.int32),
+        kv_indptr=torch.tensor([0] + prefix_lens).cumsum(0).to(torch.int32), kv_indices=torch.cat(prefix).to(torch.int32),
+        window_kv_indptr=torch.tensor([0] + [k.numel() for k in kept]).cumsum(0).to(torch.int32),
+        window_kv_indices=torch.cat(kept).to(torch.int32),
+        window_kv_offsets=torch.tensor([p.numel() - k.numel() for p, k in zip(prefix, kept)], dtype=torch.int32),
+        custom_mask=torch.cat(masks), mask_indptr=torch.tensor([0] + [m.numel() for m in masks]).cumsum(0),
+        swa_out_cache_loc=None, out_cache_loc_full_physical=None,
+    )
+    qkv = [torch.randn(bs * L, h, D, generator=g) for h in (HQ, HKV, HKV)]
+    return k_buf, v_buf, md, out_loc, qkv
+
+
+def _layer(window, **kw):
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    d = dict(layer_id=0, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D, sliding_window_size=window,
+             k_scale=None, v_scale=None, logit_capping_method="tanh", logit_cap=0.0, is_cross_attention=False,
+             attn_type=AttentionType.DECODER, scaling=D ** -0.5, xai_temperature_len=-1)
+    d.update(kw)
+    return types.SimpleNamespace(**d)
+
+
+def _forward(b, md, out_loc, qkv, layer):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    b.forward_metadata = md
+    fb = types.SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY, out_cache_loc=out_loc)
+    q, k, v = qkv
+    return b.forward_extend(q.reshape(q.shape[0], -1), k, v, layer, fb)
+
+
+def _both(prefix_lens, window, monkeypatch, layer_kw=None, seed=0):
+    k_buf, v_buf, md, out_loc, qkv = _case(prefix_lens, window, seed)
+    ran = []
+    real = vsk.verify_fwd
+
+    def spy(*a, **kw):
+        ran.append(real(*a, **kw))
+        return ran[-1]
+
+    layer = _layer(window, **(layer_kw or {}))
+    ref = _forward(_backend(_Pool(k_buf.clone(), v_buf.clone()), patched=False), md, out_loc, qkv, layer)
+    monkeypatch.setattr(vsk, "verify_fwd", spy)
+    got = _forward(_backend(_Pool(k_buf.clone(), v_buf.clone())), md, out_loc, qkv, layer)
+    return ref, got, ran
+
+
+@pytest.mark.parametrize("window", [-1, SWS])
+@pytest.mark.parametrize("prefix_lens", [[37], [37, 3, 0, 20]])
+def test_patched_verify_equals_sglangs(window, prefix_lens, monkeypatch):
+    ref, got, ran = _both(prefix_lens, window, monkeypatch, seed=len(prefix_lens))
+    assert ran == [True]  # the split-KV kernel served the call, SGLang's did not run
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("layer_kw", [dict(k_scale=torch.tensor(0.5), k_scale_float=0.5, v_scale=torch.tensor(1.0),
+                                           v_scale_float=1.0), dict(logit_cap=30.0)])
+def test_what_it_was_not_built_for_runs_sglangs_kernel(layer_kw, monkeypatch):
+    """fp8-style descale or a logit cap: verify_fwd says False and SGLang's kernel serves the call."""
+    ref, got, ran = _both([37, 5], SWS, monkeypatch, layer_kw=layer_kw)
+    assert ran == [False]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("topk,runner,why", [
+    (2, _runner(), "topk 2"), (1, _runner("LlamaForCausalLM"), "not a Gemma-4"), (0, _runner(), "topk 0")])
+def test_ineligible_backends_keep_sglangs_gate(topk, runner, why):
+    b = _backend(_Pool(None, None), topk=topk, runner=runner)
+    assert b.use_verify_splitkv is False and b.verify_splitkv_fwd is None
+    assert why in vsk.eligible(b, runner)
+
+
+def test_ragged_or_tensor_lengths_fall_back():
+    k_buf, v_buf, md, out_loc, (q, k, v) = _case([9, 4], -1)
+    o = torch.empty_like(q)
+    args = (q, k, v, o, k_buf, v_buf, md.qo_indptr, md.kv_indptr, md.kv_indices, md.custom_mask, True,
+            md.mask_indptr)
+    assert vsk.verify_fwd(*args, torch.tensor(L), 1.0, 1.0) is False  # reading it would sync
+    assert vsk.verify_fwd(q[:-1], *args[1:], L, 1.0, 1.0) is False  # not bs * L rows
+    assert vsk.verify_fwd(*args[:10], False, md.mask_indptr, L, 1.0, 1.0) is False  # non-causal
+    assert vsk.verify_fwd(*args, L, 1.0, 1.0) is True
+
+
+def test_registered_through_sglangs_hook_registry(monkeypatch):
+    """Through HookRegistry: an AFTER hook on __init__ (a stand-in for SGLang's, which needs a GPU runner)."""
+
+    def init(self, model_runner, skip_prefill=False, kv_indptr_buf=None):
+        self.__dict__.update(topk=1, num_draft_tokens=L, page_size=1, dcp_size=1, enable_deterministic=False,
+                             use_mla=False, use_verify_splitkv=False, verify_splitkv_fwd="sglang's")
+
+    monkeypatch.setattr(tb.TritonAttnBackend, "__init__", init)
+    with patch_applied(vsk.PATCH, {vsk.PATCH.knob: "1"}) as st:
+        assert st.state == registry.ACTIVE
+        b = tb.TritonAttnBackend(_runner())
+        other = tb.TritonAttnBackend(_runner("Qwen3ForCausalLM"))
+    assert b.use_verify_splitkv is True and b.verify_splitkv_fwd is vsk.verify_fwd
+    assert other.use_verify_splitkv is False and other.verify_splitkv_fwd == "sglang's"
+    off = tb.TritonAttnBackend(_runner())  # hooks removed again
+    assert off.use_verify_splitkv is False
+    with patch_applied(vsk.PATCH, {}) as st:  # default off
+        assert st.state != registry.ACTIVE
+    assert vsk.PATCH.upstream() is None and vsk.PATCH.unavailable() is None  # 0.5.17: gfx95 only, no windows
