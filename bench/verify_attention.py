@@ -103,10 +103,52 @@ def time_us(fn, quick):
     return round(statistics.median(times[1:]), 2)
 
 
+def write_report(doc, stem: Path) -> None:
+    """json, md (and png with matplotlib) from the measured rows."""
+    rows, v = doc["rows"], doc["versions"]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    md = [f"# Target-verify attention, {L} drafts: split-KV (ours) vs SGLang ({v.get('gpu')})", "",
+          f"Date {doc['date']}; SGLang {v.get('sglang')}, torch {v.get('torch')}, triton {v.get('triton')}. "
+          "bf16, CUDA-graph timed (us per call, median of replays). Sliding widths: 1024-key window.", "",
+          "| width | bs | prefix | ours (us) | SGLang extend (us) | SGLang split-KV (us) | extend / ours | max abs diff |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sk = r.get("sglang_splitkv", {}).get("us", "-")
+        md.append(f"| {r['width']} | {r['bs']} | {r['prefix']} | {r['ours']['us']} | {r['sglang_extend']['us']} | {sk} | "
+                  f"{r['speedup_vs_sglang_extend']} | {r['sglang_extend'].get('max_abs_diff_vs_ours', '-')} |")
+    sweep = [r for r in rows if any(k.startswith("ours_splits") for k in r)]
+    if sweep:
+        ns = sorted({int(k[len("ours_splits"):]) for r in sweep for k in r if k.startswith("ours_splits")})
+        md += ["", "Split-count sweep of ours (us; `ours` above uses `num_splits`):", "",
+               "| width | bs | prefix | " + " | ".join(f"S={n}" for n in ns) + " |", "|---|---|---|" + "---|" * len(ns)]
+        md += [f"| {r['width']} | {r['bs']} | {r['prefix']} | " + " | ".join(
+            str(r.get(f"ours_splits{n}", {}).get("us", "-")) for n in ns) + " |" for r in sweep]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.45), 4))
+        ax.bar(range(len(rows)), [r["speedup_vs_sglang_extend"] or 0 for r in rows])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(rows)), [f"{r['width']}\nbs{r['bs']} P{r['prefix']}" for r in rows], fontsize=6,
+                      rotation=90)
+        ax.set_ylabel("SGLang extend time / ours")
+        ax.set_title(f"target-verify attention, {L} drafts, {v.get('gpu')}")
+        fig.tight_layout()
+        fig.savefig(stem.with_suffix(".png"), dpi=110)
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--splits", default="", help="comma list: also time ours at these split counts (batch 1 and 16)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("verify_attention bench: no CUDA GPU, nothing measured")
@@ -133,6 +175,11 @@ def main(argv=None) -> int:
                         res[impl] = {"us": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 row = {"width": name, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "window": window, "bs": bs,
                        "prefix": P, "drafts": L, **res}
+                if a.splits and bs in (1, 16):
+                    for n in [int(x) for x in a.splits.split(",") if x]:
+                        fn = (lambda n=n: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"],
+                                                               t["indptr"], t["indices"], L, 1.0, window, splits=n))
+                        res[f"ours_splits{n}"] = {"us": time_us(fn, a.quick)}
                 ext = res["sglang_extend"].get("us")
                 row["speedup_vs_sglang_extend"] = round(ext / res["ours"]["us"], 2) if ext else None
                 rows.append(row)
@@ -141,35 +188,7 @@ def main(argv=None) -> int:
     v = versions()
     doc = {"date": datetime.date.today().isoformat(), "versions": v, "drafts": L, "rows": rows}
     stem = a.out / f"verify-attention-{(v.get('gpu') or 'gpu').lower().replace(' ', '-')}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    md = [f"# Target-verify attention, {L} drafts: split-KV (ours) vs SGLang ({v.get('gpu')})", "",
-          f"Date {doc['date']}; SGLang {v.get('sglang')}, torch {v.get('torch')}, triton {v.get('triton')}. "
-          "bf16, CUDA-graph timed (us per call, median of replays). Sliding widths: 1024-key window.", "",
-          "| width | bs | prefix | ours (us) | SGLang extend (us) | SGLang split-KV (us) | extend / ours | max abs diff |",
-          "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sk = r.get("sglang_splitkv", {}).get("us", "-")
-        md.append(f"| {r['width']} | {r['bs']} | {r['prefix']} | {r['ours']['us']} | {r['sglang_extend']['us']} | {sk} | "
-                  f"{r['speedup_vs_sglang_extend']} | {r['sglang_extend'].get('max_abs_diff_vs_ours', '-')} |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.45), 4))
-        ax.bar(range(len(rows)), [r["speedup_vs_sglang_extend"] or 0 for r in rows])
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(rows)), [f"{r['width']}\nbs{r['bs']} P{r['prefix']}" for r in rows], fontsize=6,
-                      rotation=90)
-        ax.set_ylabel("SGLang extend time / ours")
-        ax.set_title(f"target-verify attention, {L} drafts, {v.get('gpu')}")
-        fig.tight_layout()
-        fig.savefig(stem.with_suffix(".png"), dpi=110)
-    except ImportError:
-        pass
+    write_report(doc, stem)
     print(f"wrote {stem}.json/.md")
     return 0
 

@@ -177,8 +177,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(bs: int, num_q_heads: int, device: torch.device) -> int:
-    """About four programs per SM over the prefix, 1..32 splits (a function of the shapes only)."""
-    return max(1, min(32, triton.cdiv(4 * _sm_count(device), max(1, bs * num_q_heads))))
+    """About two programs per SM over the prefix, 1..16 splits (a function of the shapes only). More splits
+    shorten each program's walk but lengthen the merge's serial loop over them; tune with
+    ``bench/verify_attention.py --splits``."""
+    return max(1, min(16, triton.cdiv(2 * _sm_count(device), max(1, bs * num_q_heads))))
 
 
 def _check(name: str, t: torch.Tensor, dim: int) -> None:
