@@ -28,7 +28,7 @@ def bench():
 @pytest.mark.parametrize("window", [-1, 5])
 def test_baselines_compute_the_same_attention(bench, window):
     pytest.importorskip("sglang.kernels.ops.attention.extend_attention")
-    t = bench.case(2, 1, 16, window, 2, 20, dev="cpu", dtype=torch.float32)
+    t = bench.case(4, 2, 16, window, 2, 20, dev="cpu", dtype=torch.float32)
     outs = {}
     for name, fn in bench.impls(t, window).items():
         t["o"].fill_(float("nan"))
@@ -39,7 +39,8 @@ def test_baselines_compute_the_same_attention(bench, window):
             continue
         outs[name] = t["o"].clone()
     assert isinstance(outs["ours"], torch.Tensor) and isinstance(outs["sglang_extend"], torch.Tensor)
-    torch.testing.assert_close(outs["ours"], outs["sglang_extend"], rtol=2e-5, atol=2e-5)
+    for name in ("ours_grouped", "ours_per_head", "sglang_extend"):
+        torch.testing.assert_close(outs[name], outs["ours"], rtol=2e-5, atol=2e-5)
 
 
 def test_report_from_rows(bench, tmp_path):
@@ -53,6 +54,6 @@ def test_report_from_rows(bench, tmp_path):
     doc = {"date": "2026-12-04", "versions": {"gpu": "NVIDIA H200", "sglang": "0.5.17"}, "drafts": 4, "rows": rows}
     bench.write_report(doc, tmp_path / "verify-attention-nvidia-h200")
     md = (tmp_path / "verify-attention-nvidia-h200.md").read_text()
-    assert "| 26b_full | 1 | 1000 | 10.0 | 150.0 | None | 15.0 | 0.01 |" in md
+    assert "| 26b_full | 1 | 1000 | 10.0 | - / - | 150.0 | None | 15.0 | 0.01 |" in md
     assert "| 26b_full | 1 | 1000 | 12.0 | 9.5 |" in md and "S=4 | S=8" in md
     assert json.loads((tmp_path / "verify-attention-nvidia-h200.json").read_text())["rows"] == rows

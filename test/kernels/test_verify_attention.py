@@ -74,15 +74,17 @@ def close(out, expect, dtype):
     ([19, 64], 5, 4, 1, 16, 2),     # window shorter than the drafts: draft-draft keys masked too
     ([33], 16, 2, 1, 16, -1),       # the widest chain
 ])
-def test_matches_fp32_reference(dtype, lens, L, Hq, Hkv, D, window):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_matches_fp32_reference(dtype, lens, L, Hq, Hkv, D, window, grouped):
     t, _ = make(lens, L, Hq, Hkv, D, dtype=dtype, window=window, seed=sum(lens) + L)
-    close(run(t, L, 0.3, window), ref(t, L, 0.3, window), dtype)
+    close(run(t, L, 0.3, window, grouped=grouped), ref(t, L, 0.3, window), dtype)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 32])
-def test_split_count_does_not_change_the_result(splits):
-    t, _ = make([61, 3, 40], 4, 2, 1, 16, window=20, seed=5)
-    close(run(t, 4, 0.25, 20, splits=splits), ref(t, 4, 0.25, 20), torch.float32)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_split_count_does_not_change_the_result(splits, grouped):
+    t, _ = make([61, 3, 40], 4, 4, 1, 16, window=20, seed=5)
+    close(run(t, 4, 0.25, 20, splits=splits, grouped=grouped), ref(t, 4, 0.25, 20), torch.float32)
 
 
 def test_value_dim_differs_from_key_dim_and_int64_indices():
@@ -156,6 +158,16 @@ def test_gpu_real_widths_vs_sglang_and_reference(width, lens):
     close(out, ref(t, L, 1.0, window), torch.bfloat16)
     # SGLang's kernel rounds the same bf16 probabilities; the two differ by summation order only
     torch.testing.assert_close(out.float(), _sglang_extend(t, full, L, 1.0, window).float(), rtol=1e-2, atol=1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_gpu_grouped_and_per_head_programs_agree(width, grouped):
+    Hq, Hkv, D = WIDTHS[width]
+    window = 1023 if "sliding" in width else -1
+    t, _ = make([1000, 3, 4100], 4, Hq, Hkv, D, dtype=torch.bfloat16, window=window, seed=D)
+    close(run(t, 4, 1.0, window, grouped=grouped), ref(t, 4, 1.0, window), torch.bfloat16)
 
 
 @gpu

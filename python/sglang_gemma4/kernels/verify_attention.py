@@ -15,7 +15,9 @@ the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` 
      ``sliding_window_size``), the mask ``extend_attention_fwd`` applies.
   2. o_m = softmax_j(s_mj) @ v, accumulated in fp32; probabilities are rounded to v's dtype before the
      p @ v product, as SGLang's kernel does.
-  Stage 1, grid (bs, Hq, S): split s of the prefix -> its normalised partial output and log-sum-exp.
+  Stage 1, grid (bs, Hq / GH, S): split s of the prefix -> its normalised partial output and log-sum-exp, for GH
+  q heads of one kv head per program (GH = the GQA group when its accumulator is small enough, so every K/V
+  tile is read once for the group; else 1).
   Stage 2, grid (bs, Hq): log-sum-exp merge of the S partials and the draft block -> o.
 The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host);
 each split's key range is cut from its own sequence's length inside the kernel, so unused splits end at once.
@@ -52,26 +54,31 @@ def _verify_prefix_kernel(
     sm_scale,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_ob, stride_oh, stride_os, stride_om,
-    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr,
+    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr, HQ: tl.constexpr,
+    GH: tl.constexpr, LSE_M: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    # one program: GH q heads of one kv head (GH = 1, or the whole GQA group so each K/V tile is read
+    # once for all of them), all L drafts, one prefix split; row r = draft r // GH of head h0 + r % GH
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * GH
     s = tl.program_id(2)
-    kvh = h // kv_group
+    kvh = h0 // kv_group
     kv_start = tl.load(Kv_Indptr + b)
     lp = tl.load(Kv_Indptr + b + 1) - kv_start
     chunk = tl.cdiv(tl.cdiv(lp, NSPLIT), BLOCK_N) * BLOCK_N
     lo = s * chunk
     hi = tl.minimum(lo + chunk, lp)
 
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    draft = offs_r // GH
+    head = h0 + offs_r % GH
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < L
-    q = tl.load(Q + (b * L + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+    mask_m = draft < L
+    q = tl.load(Q + (b * L + draft[:, None]) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
 
     e_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -86,7 +93,7 @@ def _verify_prefix_kernel(
         qk = _dot(q, k, DOT_F32) * sm_scale
         keep = mask_m[:, None] & mask_n[None, :]
         if W >= 0:
-            keep &= (lp + offs_m[:, None] - n[None, :]) <= W
+            keep &= (lp + draft[:, None] - n[None, :]) <= W
         qk = tl.where(keep, qk, float("-inf"))
         n_max = tl.maximum(e_max, tl.max(qk, 1))
         safe = tl.where(n_max == float("-inf"), 0.0, n_max)  # a row with no key yet: no NaN
@@ -101,10 +108,9 @@ def _verify_prefix_kernel(
     has = e_sum > 0
     out = acc / tl.where(has, e_sum, 1.0)[:, None]
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
-    base = b * stride_ob + h * stride_oh + s * stride_os
-    tl.store(Mid_O + base + offs_m[:, None] * stride_om + offs_dv[None, :], out,
-             mask=mask_m[:, None] & (offs_dv[None, :] < DV))
-    tl.store(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m, lse)
+    row = b * stride_ob + head * stride_oh + s * stride_os + draft * stride_om
+    tl.store(Mid_O + row[:, None] + offs_dv[None, :], out, mask=mask_m[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Mid_Lse + ((b * HQ + head) * NSPLIT + s) * LSE_M + draft, lse, mask=mask_m)
 
 
 @triton.jit
@@ -130,7 +136,8 @@ def _verify_merge_kernel(
     e_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for s in range(NSPLIT):  # prefix partials: each is softmax-normalised, weight exp(lse)
-        lse = tl.load(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m)
+        lse = tl.load(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m,
+                      mask=mask_m, other=float("-inf"))
         part = tl.load(Mid_O + b * stride_ob + h * stride_mh + s * stride_ms + offs_m[:, None] * stride_mm
                        + offs_dv[None, :], mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
         n_max = tl.maximum(e_max, lse)
@@ -194,7 +201,7 @@ def verify_attention_fwd(
     q: torch.Tensor, k_draft: torch.Tensor, v_draft: torch.Tensor, o: torch.Tensor,
     k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     num_draft: int, sm_scale: float, sliding_window: int = -1, splits: Optional[int] = None,
-    block_n: Optional[int] = None, num_warps: Optional[int] = None,
+    block_n: Optional[int] = None, num_warps: Optional[int] = None, grouped: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention of ``num_draft`` chained draft queries per sequence over their prefix and each other; writes ``o``.
 
@@ -224,23 +231,29 @@ def verify_attention_fwd(
                          f"{Hkv} kv heads of dims {D} / {Dv}")
     if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
-    S = int(splits) if splits is not None else num_splits(bs, Hq, q.device)
-    if S < 1:
-        raise ValueError(f"splits must be >= 1, got {splits}")
     BLOCK_M = max(16, triton.next_power_of_2(L))
     BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     BLOCK_N = block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16)
     warps = num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8)
     W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
 
+    G = Hq // Hkv
+    if grouped is None:  # the whole GQA group per program while its accumulator stays <= 16 x 512 fp32
+        grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 16 * 512
+    GH = G if grouped else 1
+    BLOCK_R = max(16, triton.next_power_of_2(L * GH))
+    S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device)  # programs per split: bs * Hq / GH
+    if S < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     mid_o = torch.empty((bs, Hq, S, L, Dv), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((bs, Hq, S, BLOCK_M), dtype=torch.float32, device=q.device)
     common = dict(kv_group=Hq // Hkv, L=L, W=W, NSPLIT=S, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                   BLOCK_DV=BLOCK_DV, DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=warps, num_stages=1)
-    _verify_prefix_kernel[(bs, Hq, S)](
+    _verify_prefix_kernel[(bs, Hq // GH, S)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, float(sm_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), BLOCK_N=BLOCK_N, **common)
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), HQ=Hq, GH=GH, LSE_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, **dict(common, BLOCK_M=BLOCK_R))
     _verify_merge_kernel[(bs, Hq)](
         q, k_draft, v_draft, o, mid_o, mid_lse, float(sm_scale),
         q.stride(0), q.stride(1), k_draft.stride(0), k_draft.stride(1), v_draft.stride(0), v_draft.stride(1),
