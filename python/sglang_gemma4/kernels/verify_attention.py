@@ -19,8 +19,9 @@ the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` 
   q heads of one kv head per program (GH = the GQA group when its accumulator is small enough, so every K/V
   tile is read once for the group; else 1).
   Stage 2, grid (bs, Hq): log-sum-exp merge of the S partials and the draft block -> o.
-The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host);
-each split's key range is cut from its own sequence's length inside the kernel, so unused splits end at once.
+The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host) and is
+a runtime argument, so the captured batch sizes share one compiled kernel per layer type; each split's key range
+is cut from its own sequence's length inside the kernel, so unused splits end at once.
 
 Scope: causal chains only. A tree (topk > 1) is not causal between drafts; the caller must not use this then.
 Pure torch + Triton; :func:`verify_attention_ref` is the fp32 reference.
@@ -54,7 +55,7 @@ def _verify_prefix_kernel(
     sm_scale,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_ob, stride_oh, stride_os, stride_om,
-    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr, HQ: tl.constexpr,
+    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT, HQ: tl.constexpr,
     GH: tl.constexpr, LSE_M: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
@@ -119,7 +120,7 @@ def _verify_merge_kernel(
     sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ob, stride_mh, stride_ms, stride_mm,
-    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT: tl.constexpr,
+    kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
