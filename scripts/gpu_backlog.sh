@@ -16,9 +16,10 @@ if [ -f .gpu-bundle/setup.sh ] && [ -z "${GPU_BACKLOG_READY:-}" ]; then  # once:
   export GPU_BACKLOG_READY=1
 fi
 PY=python3
-# serve-*/mtp-*/prof-*/e4b-*/fusion-*: greedy loads never reach flashinfer's sampler, so skip its ~100 s
-# first-build (jit_prewarm) on a fresh device; the serving soak (part "serving") keeps it on, since it tests that.
-case "${1:-}" in serve-*|mtp-*|prof-*|e4b-*|fusion-*) export SGLANG_GEMMA4_JIT_PREWARM="${SGLANG_GEMMA4_JIT_PREWARM:-0}" ;; esac
+# serve-*/mtp-*/prof-*/e4b-*/fusion-*/*modes: greedy loads never reach flashinfer's sampler, so skip its ~100 s
+# first-build (jit_prewarm) on a fresh device (97 s of the modes part's first engine on 2026-12-04); the serving
+# soak (part "serving") keeps it on, since it tests that.
+case "${1:-}" in serve-*|mtp-*|prof-*|e4b-*|fusion-*|*modes) export SGLANG_GEMMA4_JIT_PREWARM="${SGLANG_GEMMA4_JIT_PREWARM:-0}" ;; esac
 if [ "${1:-}" = lanes ]; then
   shift
   export GPU_ENGINE_MEM_FRACTION="${GPU_ENGINE_MEM_FRACTION:-0.08}"
