@@ -178,3 +178,78 @@ def test_registered_through_sglangs_hook_registry(monkeypatch):
     with patch_applied(vsk.PATCH, {}) as st:  # default off
         assert st.state != registry.ACTIVE
     assert vsk.PATCH.upstream() is None and vsk.PATCH.unavailable() is None  # 0.5.17: gfx95 only, no windows
+
+
+# --- on SGLang's own target-verify metadata (eager and CUDA-graph replay builders) --------------------------
+MAX_BS, MAX_CTX, ND = 4, 64, 4
+
+
+def _real_backend(patched):
+    """A backend whose metadata comes from SGLang's builders (attributes as in test_triton_swa_window)."""
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang_gemma4.patches import triton_swa_window as tsw
+
+    n_slots = MAX_BS * MAX_CTX
+    req_to_token = torch.randperm(n_slots, generator=torch.Generator().manual_seed(1)) + 1
+    g = torch.Generator().manual_seed(2)
+    pool = _Pool(torch.randn(n_slots + 1, HKV, D, generator=g), torch.randn(n_slots + 1, HKV, D, generator=g))
+    b = object.__new__(tb.TritonAttnBackend)
+    b.__dict__.update(
+        sliding_window_size=SWS, req_to_token=req_to_token.view(MAX_BS, MAX_CTX).to(torch.int32),
+        token_to_kv_pool=pool, _translate_kv_loc=None, dcp_size=1, page_size=1, device="cpu",
+        max_context_len=MAX_CTX, num_head=HQ, max_kv_splits=2, v_head_dim=D, swa_v_head_dim=None,
+        use_sliding_window_kv_pool=False, static_kv_splits=True, enable_deterministic=False, device_core_count=0,
+        split_tile_size=None, is_draft_runner=False, skip_prefill=False, num_draft_tokens=ND, speculative_num_steps=ND - 1,
+        topk=1, use_mla=False, kv_indptr=torch.zeros(MAX_BS + 1, dtype=torch.int32),
+        window_kv_indptr=torch.zeros(MAX_BS + 1, dtype=torch.int32), qo_indptr=torch.zeros(MAX_BS + 1, dtype=torch.int64),
+        mask_indptr=torch.zeros(MAX_BS + 1, dtype=torch.int64), forward_metadata=None, _verify_mask=None,
+        allow_bidirectional_attention_in_extend=False, use_verify_splitkv=False, verify_splitkv_fwd=None,
+        extend_attention_fwd=extend_attention_fwd, req_to_token_pool=types.SimpleNamespace(size=MAX_BS),
+    )
+    tsw.after_init(None, b, _runner())  # production default: the SWA decode-window fix is on
+    if patched:
+        vsk.after_init(None, b, _runner())
+    return b
+
+
+def _verify_fb(b, seq):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    masks = []
+    for s in seq:
+        m = torch.ones(ND, s + ND, dtype=torch.bool)
+        m[:, s:] = torch.tril(torch.ones(ND, ND, dtype=torch.bool))
+        masks.append(m.flatten())
+    seq_t = torch.tensor(seq, dtype=torch.int64)
+    spec = types.SimpleNamespace(draft_token_num=ND, kv_indptr=None, custom_mask=torch.cat(masks))
+    out_loc = torch.cat([b.req_to_token[r, s:s + ND].to(torch.int64) for r, s in enumerate(seq)])
+    return types.SimpleNamespace(
+        forward_mode=ForwardMode.TARGET_VERIFY, batch_size=len(seq), spec_info=spec,
+        req_pool_indices=torch.arange(len(seq), dtype=torch.int64), seq_lens=seq_t, seq_lens_sum=int(seq_t.sum()),
+        seq_lens_cpu=seq_t.clone(), out_cache_loc=out_loc, encoder_lens=None)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("window", [-1, SWS])
+def test_on_sglangs_own_verify_metadata(graph, window, monkeypatch):
+    """Metadata from SGLang's init_forward_metadata (eager) or init_cuda_graph_state + replay builder (whose
+    kv_indices is the whole preallocated buffer): patched forward_extend == unpatched."""
+    seq = [3, SWS, 20, 33]  # shorter than, at, and past the window
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(len(seq) * ND, h, D, generator=g) for h in (HQ, HKV, HKV))
+    outs, ran = [], []
+    real = vsk.verify_fwd
+    monkeypatch.setattr(vsk, "verify_fwd", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    for patched in (False, True):
+        b = _real_backend(patched)
+        fb = _verify_fb(b, seq)
+        if graph:
+            b.init_cuda_graph_state(MAX_BS, MAX_BS * ND)
+            b.init_forward_metadata_out_graph(_verify_fb(b, [1] * len(seq)), in_capture=True)  # views on the buffers
+            b.init_forward_metadata_out_graph(fb)  # replay: refilled in place
+            assert b.forward_metadata.kv_indices.numel() > sum(seq)  # the whole graph buffer
+        else:
+            b.init_forward_metadata(fb)
+        outs.append(b.forward_extend(q.reshape(q.shape[0], -1), k, v, _layer(window), fb))
+    assert ran == [True]
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-5, atol=2e-5)
