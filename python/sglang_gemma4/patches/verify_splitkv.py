@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import weakref
 from typing import Any, Optional
 
 from sglang_gemma4.registry import Patch
@@ -43,7 +42,6 @@ INIT = f"{_TRITON}.TritonAttnBackend.__init__"
 FIRED = "split-KV target-verify attention (sglang-gemma4) running"
 
 _announced = [False]
-_PATCHED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def eligible(backend: Any, model_runner: Any) -> Optional[str]:
@@ -69,9 +67,11 @@ def after_init(result, self, model_runner, *args, **kwargs):
     try:
         why = eligible(self, model_runner)
         if why is None:
+            import torch
+
             self.use_verify_splitkv = True
-            self.verify_splitkv_fwd = verify_fwd
-            _PATCHED.add(self)
+            # as SGLang wraps its own: torch.compile must not trace the launcher's shape checks
+            self.verify_splitkv_fwd = torch.compiler.disable(verify_fwd)
     except Exception:  # unexpected backend shape: SGLang's behaviour
         logger.exception("verify_splitkv: eligibility check failed; backend left unpatched")
     return None
@@ -110,7 +110,7 @@ def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_in
     if not 1 <= L <= MAX_DRAFT or bs < 1 or q_extend.dim() != 3 or q_extend.shape[0] != bs * L:
         return False
     if k_buffer.dim() != 3 or v_buffer.dim() != 3 or k_buffer.dtype != q_extend.dtype \
-            or v_buffer.dtype != q_extend.dtype or k_extend.dtype != q_extend.dtype:
+            or v_buffer.dtype != q_extend.dtype or k_extend.dtype != q_extend.dtype or v_extend.dtype != q_extend.dtype:
         return False
     if k_extend.dim() != 3 or k_buffer.shape[1:] != k_extend.shape[1:] or v_buffer.shape[1:] != v_extend.shape[1:]:
         return False
