@@ -32,9 +32,12 @@ from sglang_gemma4.kernels.verify_attention import verify_attention_fwd  # noqa:
 WIDTHS = {"26b_sliding": (16, 8, 256, 1023), "26b_full": (16, 2, 512, -1),
           "e4b_sliding": (8, 2, 256, 1023), "e4b_full": (8, 2, 512, -1)}
 L = 4
+PREFIXES = (1000, 8000)
+DEVICE, DTYPE = "cuda", torch.bfloat16  # the CPU test of main() sets cpu / fp32, tiny WIDTHS / PREFIXES, a stub timer
 
 
-def case(Hq, Hkv, D, window, bs, P, dev="cuda", dtype=torch.bfloat16, seed=0):
+def case(Hq, Hkv, D, window, bs, P, dev=None, dtype=None, seed=0):
+    dev, dtype = dev or DEVICE, dtype or DTYPE
     g = torch.Generator(device=dev).manual_seed(seed)
     kept = min(P, window) if window >= 0 else P
     slots = bs * P + bs * L
@@ -156,13 +159,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--splits", default="", help="comma list: also time ours at these split counts (batch 1 and 16)")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("verify_attention bench: no CUDA GPU, nothing measured")
         return 0
     batches = [1, 16] if a.quick else [1, 8, 16, 48]
     rows = []
     for name, (Hq, Hkv, D, window) in WIDTHS.items():
-        for P in (1000, 8000):
+        for P in PREFIXES:
             for bs in batches:
                 t = case(Hq, Hkv, D, window, bs, P)
                 res = {}
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
                 for impl, fn in impls(t, window).items():
                     try:
                         fn()
-                        torch.cuda.synchronize()
+                        if DEVICE == "cuda":
+                            torch.cuda.synchronize()
                         if ref is None:
                             ref = t["o"].float().clone()
                         err = (t["o"].float() - ref).abs().max().item()
@@ -179,13 +183,13 @@ def main(argv=None) -> int:
                         if impl == "ours":
                             raise
                         res[impl] = {"us": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                row = {"width": name, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "window": window, "bs": bs,
-                       "prefix": P, "drafts": L, **res}
                 if a.splits and bs in (1, 16):
                     for n in [int(x) for x in a.splits.split(",") if x]:
                         fn = (lambda n=n: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"],
                                                                t["indptr"], t["indices"], L, 1.0, window, splits=n))
                         res[f"ours_splits{n}"] = {"us": time_us(fn, a.quick)}
+                row = {"width": name, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "window": window, "bs": bs,
+                       "prefix": P, "drafts": L, **res}
                 ext = res["sglang_extend"].get("us")
                 row["speedup_vs_sglang_extend"] = round(ext / res["ours"]["us"], 2) if ext else None
                 rows.append(row)

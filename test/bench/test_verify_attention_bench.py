@@ -57,3 +57,21 @@ def test_report_from_rows(bench, tmp_path):
     assert "| 26b_full | 1 | 1000 | 10.0 | - / - | 150.0 | None | 15.0 | 0.01 |" in md
     assert "| 26b_full | 1 | 1000 | 12.0 | 9.5 |" in md and "S=4 | S=8" in md
     assert json.loads((tmp_path / "verify-attention-nvidia-h200.json").read_text())["rows"] == rows
+
+
+def test_main_end_to_end_with_a_stub_timer(bench, tmp_path, monkeypatch):
+    """main()'s loop, sweep and report on CPU (interpreter, fp32, tiny widths): a GPU call must not die on glue."""
+    pytest.importorskip("sglang.kernels.ops.attention.extend_attention")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)
+    monkeypatch.setattr(bench, "WIDTHS", {"tiny_sliding": (4, 2, 16, 5), "tiny_full": (2, 2, 16, -1)})
+    monkeypatch.setattr(bench, "PREFIXES", (20,))
+    monkeypatch.setattr(bench, "time_us", lambda fn, quick: 1.0)
+    monkeypatch.setattr(bench, "versions", lambda: {"gpu": "Test GPU", "sglang": "x"})
+    assert bench.main(["--out", str(tmp_path), "--quick", "--splits", "1,3"]) == 0
+    doc = json.loads((tmp_path / "verify-attention-test-gpu.json").read_text())
+    assert len(doc["rows"]) == 4  # 2 widths x 1 prefix x batches 1, 16
+    for r in doc["rows"]:
+        assert r["ours"]["us"] == 1.0 and r["ours_splits3"]["us"] == 1.0
+        assert r["sglang_extend"]["max_abs_diff_vs_ours"] < 1e-4  # same attention, fp32
+    assert "S=1 | S=3" in (tmp_path / "verify-attention-test-gpu.md").read_text()
