@@ -391,3 +391,19 @@ def test_bench_threads_keep_their_own_stdout(serve, tmp_path, monkeypatch, capsy
     print("main at the end")
     assert logs[0].read_text() == "inside hung.log\n" and logs[1].read_text() == "inside next.log\n"
     assert capsys.readouterr().out == "main while hung\nmain at the end\n"
+
+
+def test_an_unfinished_trace_stops_the_profiler_and_is_dropped(serve, tmp_path, monkeypatch):
+    """The 26B overlap server's CPU+GPU trace never finished writing and the server stayed busy; serve.py
+    must ask it to stop and not ship the partial files (200 MB did not fit the result tarball)."""
+    import types
+
+    calls = []
+    monkeypatch.setattr(serve.srv, "http", lambda url, payload=None, **kw: calls.append(url) or (200, {}))
+    d = tmp_path / "profile-trace"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "rank0.trace.json.gz").write_bytes(b"partial")
+    (d / "x.json").write_text("{")
+    serve._abandon_trace(types.SimpleNamespace(base="http://127.0.0.1:1"), d)
+    assert calls == ["http://127.0.0.1:1/stop_profile"]
+    assert list(d.rglob("*")) == []
