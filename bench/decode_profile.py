@@ -27,7 +27,8 @@ CATEGORIES: Tuple[Tuple[str, str], ...] = (
     ("moe", r"fused_moe|moe_align|moe_sum|expert|silu_and_mul_moe|grouped_gemm|moe_"),
     # triton backend: _fwd_grouped_kernel_stage1/_fwd_kernel_stage2 (decode), get_num_kv_splits; KV writes
     ("attention", r"attn|attention|_fwd_kernel|_fwd_grouped_kernel|num_kv_splits|flash_fwd|flashattn|flash_attn|"
-                  r"batchdecode|batchprefill|decode_grouped|extend|fmha|paged"),
+                  r"batchdecode|batchprefill|decode_grouped|extend|fmha|paged|_verify_prefix|_verify_merge|"
+                  r"_verify_combine"),
     ("kv store", r"store_kvcache|set_kv_buffer"),
     ("gemm", r"gemm(?!a)|cutlass|xmma|cublas|nvjet|matmul|sm90_|splitk|ampere_|hopper_"),
     ("memcpy/memset", r"^memcpy|^memset|copy_kernel|cudamemcpy"),
@@ -155,6 +156,43 @@ def table(ks: List[Tuple[str, float]], steps: int, top: int = 25) -> Dict[str, A
     }
 
 
+# Target-verify attention (SGLang's prefill kernel on the triton backend, or the split-KV verify kernels, ours and
+# SGLang's) and the draft's decode attention: the two phases of a speculative step.
+VERIFY_ATTN = r"^_fwd_kernel$|_verify_prefix|_verify_merge|_verify_combine"
+DRAFT_ATTN = r"^_fwd_kernel_stage1$|^_fwd_grouped_kernel_stage1$"
+
+
+def spec_phases(events: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """A speculative window cut into target verify and draft: each kernel goes to the phase of the last
+    attention kernel before it (so the target's last layer, lm_head and verify sampling count as verify, and
+    the draft's seed input work as draft; the next forward's few pre-attention kernels land in the previous
+    phase). One verify block (a run of verify attention) = one speculative step. A prefill in the window also
+    runs ``_fwd_kernel`` and counts as a verify block. {} when the window has no verify or no draft phase."""
+    ks = sorted((float(e.get("ts", 0.0)), str(e.get("name", "?")), float(e.get("dur", 0.0))) for e in _gpu_events(events))
+    phase, blocks = None, 0
+    got: Dict[str, List[Tuple[str, float]]] = {"verify": [], "draft": []}
+    draft_attn = 0
+    for _, name, dur in ks:
+        if re.search(VERIFY_ATTN, name):
+            blocks += phase != "verify"
+            phase = "verify"
+        elif re.search(DRAFT_ATTN, name):
+            phase = "draft"
+            draft_attn += 1
+        if phase:
+            got[phase].append((name, dur))
+    if not blocks or not got["draft"]:
+        return {}
+    out = {"spec_steps": blocks, "draft_attention_calls_per_step": round(draft_attn / blocks, 1)}
+    for ph, k in got.items():
+        t = table(k, blocks, top=8)
+        out[ph] = {"kernel_us_per_step": t["kernel_us_per_step"], "shares": t["shares"],
+                   "top": [{"name": x["name"][:70], "us_per_step": x["us_per_step"]} for c in t["top_by_category"].values()
+                           for x in c[:2]] + [{"name": x["name"][:70], "us_per_step": x["us_per_step"]}
+                                               for x in t["other_kernels"][:3]]}
+    return out
+
+
 def reclassify(t: Dict[str, Any]) -> Dict[str, Any]:
     """Re-sort a recorded table's named "other" kernels under the current CATEGORIES (a table written
     before a pattern was added). Only the listed kernels move; unlisted small ones stay "other"."""
@@ -188,6 +226,11 @@ def markdown(title: str, t: Dict[str, Any]) -> str:
         tl = t["timeline"]
         head += (f" GPU span {tl['span_us'] / max(t['steps'], 1):.0f} us/step, busy {tl['busy_share'] * 100:.1f} % of it"
                  " (the rest is host time between launches).")
+    sp = t.get("spec_phases")
+    if sp:
+        head += (f" Speculative steps: {sp['spec_steps']}; target verify {sp['verify']['kernel_us_per_step']} us/step, "
+                 f"draft {sp['draft']['kernel_us_per_step']} us/step ({sp['draft_attention_calls_per_step']} draft "
+                 "attention calls per step).")
     lines = [f"### {title}", "", head, "", "| category | share |", "|---|---|"]
     lines += [f"| {c} | {v * 100:.1f} % |" for c, v in t["shares"].items()]
     if t.get("top_by_category"):
@@ -197,6 +240,12 @@ def markdown(title: str, t: Dict[str, Any]) -> str:
     lines += ["", "| other kernel | share | calls/step | us/step | launched by |", "|---|---|---|---|---|"]
     lines += [f"| `{k['name']}` | {k['share'] * 100:.2f} % | {k['calls_per_step']} | {k['us_per_step']} | {k['launched_by']} |"
               for k in t["other_kernels"]]
+    if sp:
+        lines += ["", "| phase | us/step | shares | largest kernels (us/step) |", "|---|---|---|---|"]
+        for ph in ("verify", "draft"):
+            d = sp[ph]
+            lines.append(f"| {ph} | {d['kernel_us_per_step']} | " + ", ".join(f"{c} {v * 100:.0f} %" for c, v in d["shares"].items())
+                         + " | " + "; ".join(f"`{x['name']}` {x['us_per_step']}" for x in d["top"]) + " |")
     return "\n".join(lines) + "\n"
 
 

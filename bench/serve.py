@@ -307,6 +307,7 @@ def profile_once(s: srv.Server, tok: Path, wl: tuple, out: Path, steps: int, del
     t["timeline"] = decode_profile.combine_timelines([decode_profile.gpu_timeline(ev) for ev in evs])
     if len(evs) == 1:  # one rank: cut into steps, and the decode-only table beside the window's
         t["decode_only"] = decode_profile.decode_only(decode_profile.split_steps(evs[0]))
+        t["spec_phases"] = decode_profile.spec_phases(evs[0])  # {} unless the window is speculative
     t["traces"] = [p.name for p in traces]
     t["load"] = box.get("r")
     for p in traces:

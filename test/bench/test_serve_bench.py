@@ -167,6 +167,34 @@ def test_gpu_timeline_merges_overlaps_and_counts_gaps():
     assert "GPU span 20 us/step, busy 75.0 %" in decode_profile.markdown("x", t)
 
 
+def test_speculative_window_split_into_verify_and_draft():
+    """Two speculative steps of a 2-layer target and a 1-layer draft with 2 draft forwards: kernels go to the
+    phase of the attention before them; our split-KV verify kernels count as verify attention."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import decode_profile
+
+    names = []
+    for verify_attn in (["_fwd_kernel"], ["_verify_prefix_kernel", "_verify_merge_kernel"]):
+        names += ["embed_gemm"]  # the first forward's pre-attention kernel: before any attention, not counted
+        for _ in range(2):  # target layers
+            names += verify_attn + ["fused_moe_kernel"]
+        names += ["nvjet_lm_head", "argmax"]  # target lm_head + verify sampling
+        for _ in range(2):  # draft forwards
+            names += ["_fwd_kernel_stage1", "_fwd_kernel_stage2", "nvjet_draft_head", "cunn_SoftMaxForward"]
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": float(i), "dur": 10.0} for i, n in enumerate(names)]
+    sp = decode_profile.spec_phases(ev)
+    assert sp["spec_steps"] == 2 and sp["draft_attention_calls_per_step"] == 2.0
+    # verify: 6 then 8 kernels of 10 us; draft: 8 + 8, plus the second step's embed_gemm (after a draft attention)
+    assert sp["verify"]["kernel_us_per_step"] == 70.0
+    assert sp["draft"]["kernel_us_per_step"] == 85.0
+    assert decode_profile.category("_verify_prefix_kernel") == "attention"
+    md = decode_profile.markdown("x", decode_profile.table(decode_profile.kernels(ev), steps=2) | {"spec_phases": sp})
+    assert "Speculative steps: 2; target verify 70.0 us/step, draft 85.0 us/step" in md
+    assert decode_profile.spec_phases([e for e in ev if "stage1" not in e["name"]]) == {}  # no draft phase
+
+
 def test_whole_benchmark_against_fake_servers(serve, tmp_path, monkeypatch):
     """main(): servers started and polled, SGLang's real bench_serving run in-process per arm and
     repeat, results parsed, compared and reported; a slower arm is found slower."""
