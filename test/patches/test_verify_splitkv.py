@@ -142,10 +142,17 @@ def test_what_it_was_not_built_for_runs_sglangs_kernel(layer_kw, monkeypatch):
 
 @pytest.mark.parametrize("topk,runner,why", [
     (2, _runner(), "topk 2"), (1, _runner("LlamaForCausalLM"), "not a Gemma-4"), (0, _runner(), "topk 0")])
-def test_ineligible_backends_keep_sglangs_gate(topk, runner, why):
-    b = _backend(_Pool(None, None), topk=topk, runner=runner)
+def test_ineligible_backends_keep_sglangs_gate(topk, runner, why, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(vsk, "_told", set())
+    with caplog.at_level(logging.INFO, logger=vsk.logger.name):
+        b = _backend(_Pool(None, None), topk=topk, runner=runner)
+        _backend(_Pool(None, None), topk=topk, runner=runner)
     assert b.use_verify_splitkv is False and b.verify_splitkv_fwd is None
     assert why in vsk.eligible(b, runner)
+    said = [r.getMessage() for r in caplog.records if "keeps SGLang's target-verify kernel" in r.getMessage()]
+    assert len(said) == 1 and why in said[0]  # once per reason
 
 
 def test_ragged_or_tensor_lengths_fall_back():

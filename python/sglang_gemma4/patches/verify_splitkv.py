@@ -42,6 +42,7 @@ INIT = f"{_TRITON}.TritonAttnBackend.__init__"
 FIRED = "split-KV target-verify attention (sglang-gemma4) running"
 
 _announced = [False]
+_told: set = set()
 
 
 def eligible(backend: Any, model_runner: Any) -> Optional[str]:
@@ -72,6 +73,9 @@ def after_init(result, self, model_runner, *args, **kwargs):
             self.use_verify_splitkv = True
             # as SGLang wraps its own: torch.compile must not trace the launcher's shape checks
             self.verify_splitkv_fwd = torch.compiler.disable(verify_fwd)
+        elif why not in _told:  # the knob is on: say once why a backend keeps SGLang's verify kernel
+            _told.add(why)
+            logger.info("verify_splitkv: a triton backend keeps SGLang's target-verify kernel: %s", why)
     except Exception:  # unexpected backend shape: SGLang's behaviour
         logger.exception("verify_splitkv: eligibility check failed; backend left unpatched")
     return None
