@@ -78,9 +78,12 @@ def impls(t, window):
         try:
             from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
-            out["sglang_splitkv"] = lambda: verify_splitkv_fwd(
-                t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["qo"], t["indptr"], t["indices"], t["mask"],
-                True, t["mask_indptr"], L, 1.0, 1.0, 1.0)
+            def sglang_splitkv():
+                if not verify_splitkv_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["qo"], t["indptr"],
+                                          t["indices"], t["mask"], True, t["mask_indptr"], L, 1.0, 1.0, 1.0):
+                    raise RuntimeError("verify_splitkv_fwd declined this shape (its can_handle)")  # not timed
+
+            out["sglang_splitkv"] = sglang_splitkv
         except ImportError:
             pass
     return out
