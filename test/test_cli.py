@@ -145,7 +145,9 @@ def test_demo_cpu_selftest_passes(no_cuda, capsys):
         warnings.simplefilter("always")
         assert cli.main(["demo"]) == 0
     out = capsys.readouterr()
-    assert "FAIL" not in out.out and out.out.count(" ok ") == 5, out.out
+    from sglang_gemma4.kernels.selftest import _NAMES
+
+    assert "FAIL" not in out.out and out.out.count(" ok ") == len(_NAMES) == 6, out.out
     # the routing case's deliberate padding NaNs are silenced there, nothing else is
     assert not [w for w in seen if "All-NaN slice" in str(w.message)]
 
@@ -160,7 +162,7 @@ def test_demo_fails_when_a_kernel_returns_nan(no_cuda, monkeypatch, capsys):
     out = capsys.readouterr()
     row = next(l for l in out.out.splitlines() if l.startswith("gemma_gelu_tanh_mul"))
     assert "FAIL" in row and "nan" in row
-    assert "self-test FAILED: 1 of 5" in out.err
+    assert "self-test FAILED: 1 of 6" in out.err
 
 
 def test_demo_fails_when_every_kernel_fails(no_cuda, monkeypatch, capsys):
@@ -168,7 +170,7 @@ def test_demo_fails_when_every_kernel_fails(no_cuda, monkeypatch, capsys):
 
     monkeypatch.setattr(st, "run_selftest", lambda: [(n, False, math.nan) for n in st._NAMES])
     assert cli.main(["demo"]) == 1
-    assert "FAILED: 5 of 5" in capsys.readouterr().err
+    assert "FAILED: 6 of 6" in capsys.readouterr().err
 
 
 def _fake_gpu_run(monkeypatch, result):

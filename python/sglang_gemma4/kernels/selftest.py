@@ -74,6 +74,17 @@ def _cases(device: str):
         refs = gemma_post_attn_triple_rmsnorm_ref(x, r, *ws)
         return max((o.float() - q.float()).abs().max().item() for o, q in zip(outs, refs))
 
+    def verify():  # a draft chain of 3 over scattered prefixes, sliding window shorter than one of them
+        from .verify_attention import verify_attention_fwd, verify_attention_ref
+
+        kb, vb = rnd(20, 2, 16), rnd(20, 2, 16)
+        q, kd, vd = rnd(6, 4, 16), rnd(6, 2, 16), rnd(6, 2, 16)
+        indptr = torch.tensor([0, 9, 13], dtype=torch.int32, device=device)
+        idx = torch.randperm(20, generator=g)[:13].to(device=device, dtype=torch.int32)
+        o = torch.empty_like(q)
+        verify_attention_fwd(q, kd, vd, o, kb, vb, indptr, idx, 3, 0.25, 5)
+        return (o.float() - verify_attention_ref(q, kd, vd, kb, vb, indptr, idx, 3, 0.25, 5).float()).abs().max().item()
+
     # (name, fn returning max abs error, tolerance): bf16 outputs may differ by one
     # bf16 rounding (~0.4% of |value|, values here are O(1..10)).
     return [
@@ -86,6 +97,7 @@ def _cases(device: str):
         ),
         ("gemma_gelu_tanh_mul", pair(gemma_gelu_tanh_mul, gemma_gelu_tanh_mul_ref, gate, ple), 0.1),
         ("gemma_post_attn_triple_rmsnorm", triple, 0.1),
+        ("verify_attention", verify, 0.05),  # bf16 probabilities before p @ v, as SGLang's kernel
     ]
 
 
@@ -95,6 +107,7 @@ _NAMES = [
     "gemma_rmsnorm_residual_scalar",
     "gemma_gelu_tanh_mul",
     "gemma_post_attn_triple_rmsnorm",
+    "verify_attention",
 ]
 
 
