@@ -87,6 +87,23 @@ def test_split_count_does_not_change_the_result(splits, grouped):
     close(run(t, 4, 0.25, 20, splits=splits, grouped=grouped), ref(t, 4, 0.25, 20), torch.float32)
 
 
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_pool_with_scales(dtype):
+    """An fp8 pool holding k / k_scale, v / v_scale: attention over the dequantised pool (draft K/V unscaled)."""
+    t, _ = make([37, 5], 4, 4, 2, 32, dtype=dtype, window=6, seed=21)
+    t["k_buffer"], t["v_buffer"] = (t["k_buffer"].float() / 0.5).to(FP8), (t["v_buffer"].float() / 2.0).to(FP8)
+    out = run(t, 4, 0.3, 6, k_scale=0.5, v_scale=2.0)
+    expect = verify_attention_ref(t["q"], t["k_draft"], t["v_draft"], t["k_buffer"], t["v_buffer"], t["kv_indptr"],
+                                  t["kv_indices"], 4, 0.3, 6, k_scale=0.5, v_scale=2.0)
+    close(out, expect, dtype)
+    with pytest.raises(ValueError, match="KV pool dtype"):
+        run(dict(t, k_buffer=t["k_buffer"].to(torch.float16)), 4, 0.3, 6)
+
+
 def test_value_dim_differs_from_key_dim_and_int64_indices():
     t, _ = make([45, 12], 4, 4, 2, 32, Dv=16, idx_dtype=torch.int64, seed=9)
     close(run(t, 4, 0.2), ref(t, 4, 0.2), torch.float32)
@@ -168,6 +185,20 @@ def test_gpu_grouped_and_per_head_programs_agree(width, grouped):
     window = 1023 if "sliding" in width else -1
     t, _ = make([1000, 3, 4100], 4, Hq, Hkv, D, dtype=torch.bfloat16, window=window, seed=D)
     close(run(t, 4, 1.0, window, grouped=grouped), ref(t, 4, 1.0, window), torch.bfloat16)
+
+
+@gpu
+@pytest.mark.skipif(FP8 is None, reason="no float8_e4m3fn")
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_gpu_fp8_pool_real_widths(width):
+    Hq, Hkv, D = WIDTHS[width]
+    window = 1023 if "sliding" in width else -1
+    t, _ = make([1000, 4100], 4, Hq, Hkv, D, dtype=torch.bfloat16, window=window, seed=7)
+    t["k_buffer"], t["v_buffer"] = (t["k_buffer"].float() / 0.5).to(FP8), (t["v_buffer"].float() / 2.0).to(FP8)
+    out = run(t, 4, 1.0, window, k_scale=0.5, v_scale=2.0)
+    expect = verify_attention_ref(t["q"], t["k_draft"], t["v_draft"], t["k_buffer"], t["v_buffer"], t["kv_indptr"],
+                                  t["kv_indices"], 4, 1.0, window, k_scale=0.5, v_scale=2.0)
+    close(out, expect, torch.bfloat16)
 
 
 @gpu

@@ -37,8 +37,10 @@ class _Pool:
     def get_value_buffer(self, layer_id):
         return self.v
 
-    def set_kv_buffer(self, layer, loc, k, v, *scales, **kw):
-        self.k[loc.loc], self.v[loc.loc] = k, v
+    def set_kv_buffer(self, layer, loc, k, v, k_scale=None, v_scale=None, **kw):
+        if k_scale is not None:  # as SGLang's pool stores a scaled cache: quantised k / k_scale
+            k, v = k / k_scale, v / v_scale
+        self.k[loc.loc], self.v[loc.loc] = k.to(self.k.dtype), v.to(self.v.dtype)
 
 
 def _backend(pool, topk=1, runner=None, patched=True):
@@ -131,13 +133,41 @@ def test_patched_verify_equals_sglangs(window, prefix_lens, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("layer_kw", [dict(k_scale=torch.tensor(0.5), k_scale_float=0.5, v_scale=torch.tensor(1.0),
-                                           v_scale_float=1.0), dict(logit_cap=30.0)])
-def test_what_it_was_not_built_for_runs_sglangs_kernel(layer_kw, monkeypatch):
-    """fp8-style descale or a logit cap: verify_fwd says False and SGLang's kernel serves the call."""
-    ref, got, ran = _both([37, 5], SWS, monkeypatch, layer_kw=layer_kw)
+def test_what_it_was_not_built_for_runs_sglangs_kernel(monkeypatch):
+    """A logit cap: verify_fwd says False and SGLang's kernel serves the call, bit for bit."""
+    ref, got, ran = _both([37, 5], SWS, monkeypatch, layer_kw=dict(logit_cap=30.0))
     assert ran == [False]
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [-1, SWS])
+def test_fp8_pool_with_scales_is_served(window, monkeypatch):
+    """An fp8 KV pool (SGLang stores k / k_scale) with host-side descales: ours widens the tiles to q's dtype
+    and equals the fp32 attention over the dequantised pool; SGLang's kernel also rounds q and the
+    probabilities to fp8, so it agrees only to fp8 precision (a lost or doubled scale is far outside)."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is None:
+        pytest.skip("no float8_e4m3fn in this torch")
+    k_buf, v_buf, md, out_loc, qkv = _case([37, 5], window, seed=4)
+    k_buf, v_buf = (k_buf / 0.5).to(fp8), (v_buf / 2.0).to(fp8)
+    layer = _layer(window, k_scale=torch.tensor(0.5), k_scale_float=0.5, v_scale=torch.tensor(2.0), v_scale_float=2.0)
+    ran, real = [], vsk.verify_fwd
+    ref = _forward(_backend(_Pool(k_buf.clone(), v_buf.clone()), patched=False), md, out_loc, qkv, layer)
+    monkeypatch.setattr(vsk, "verify_fwd", lambda *a, **kw: ran.append(real(*a, **kw)) or ran[-1])
+    pool = _Pool(k_buf.clone(), v_buf.clone())
+    got = _forward(_backend(pool), md, out_loc, qkv, layer)
+    assert ran == [True]
+    from sglang_gemma4.kernels.verify_attention import verify_attention_ref
+
+    ind, ptr = (md.window_kv_indices, md.window_kv_indptr) if window > 0 else (md.kv_indices, md.kv_indptr)
+    q, k, v = qkv
+    exact = verify_attention_ref(q, k, v, k_buf, v_buf, ptr, ind, L, D ** -0.5, window, k_scale=0.5, v_scale=2.0)
+    torch.testing.assert_close(got.view_as(exact), exact, rtol=2e-5, atol=2e-5)
+    exact = exact.view_as(got)
+    err_sglang = ((ref - exact).norm() / exact.norm()).item()
+    print(f"fp8 pool, window {window}: relative error vs fp32, SGLang {err_sglang:.4f}, ours "
+          f"{((got - exact).norm() / exact.norm()).item():.2e}")
+    assert 0 < err_sglang < 0.1  # SGLang's fp8 path is close (same scales), not exact
 
 
 @pytest.mark.parametrize("topk,runner,why", [

@@ -13,8 +13,11 @@ the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` 
   1. s_mj = (q_m . k_j) * sm_scale for prefix keys with (W < 0 or Lp + m - j <= W), and for draft keys n <= m
      with (W < 0 or m - n <= W); every other score is -inf. W is SGLang's exclusive radius (the layer's
      ``sliding_window_size``), the mask ``extend_attention_fwd`` applies.
-  2. o_m = softmax_j(s_mj) @ v, accumulated in fp32; probabilities are rounded to v's dtype before the
-     p @ v product, as SGLang's kernel does.
+  2. o_m = softmax_j(s_mj) @ v, accumulated in fp32; probabilities are rounded to q's dtype before the
+     p @ v product, as SGLang's kernel does for a bf16 pool.
+  An fp8 pool (keys k_buffer * k_scale, values v_buffer * v_scale) is widened to q's dtype on load and the
+  scales are applied in fp32. SGLang's kernel instead rounds q and the probabilities to fp8 (~5 % relative
+  error on the tests' data); this one stays at the dequantised cache's precision.
   Stage 1, grid (bs, Hq / GH, S): split s of the prefix -> its normalised partial output and log-sum-exp, for GH
   q heads of one kv head per program (GH = the GQA group when its accumulator is small enough, so every K/V
   tile is read once for the group; else 1).
@@ -37,6 +40,7 @@ import triton
 import triton.language as tl
 
 MAX_DRAFT = 16  # rows of one program's query tile
+POOL_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -52,7 +56,7 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 @triton.jit
 def _verify_prefix_kernel(
     Q, K_Buf, V_Buf, Kv_Indptr, Kv_Indices, Mid_O, Mid_Lse,
-    sm_scale,
+    qk_scale, v_scale,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_ob, stride_oh, stride_os, stride_om,
     kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT, HQ: tl.constexpr,
@@ -89,9 +93,10 @@ def _verify_prefix_kernel(
         n = start + offs_n
         mask_n = n < hi
         loc = tl.load(Kv_Indices + kv_start + n, mask=mask_n, other=0).to(tl.int64)
+        # an fp8 pool is widened to q's dtype on load (q stays unrounded; scales applied in fp32)
         k = tl.load(K_Buf + loc[None, :] * stride_kb + kvh * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :] & (offs_d[:, None] < D), other=0.0)
-        qk = _dot(q, k, DOT_F32) * sm_scale
+                    mask=mask_n[None, :] & (offs_d[:, None] < D), other=0.0).to(q.dtype)
+        qk = _dot(q, k, DOT_F32) * qk_scale
         keep = mask_m[:, None] & mask_n[None, :]
         if W >= 0:
             keep &= (lp + draft[:, None] - n[None, :]) <= W
@@ -101,8 +106,8 @@ def _verify_prefix_kernel(
         p = tl.exp(qk - safe[:, None])
         alpha = tl.exp(e_max - safe)
         v = tl.load(V_Buf + loc[:, None] * stride_vb + kvh * stride_vh + offs_dv[None, :],
-                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+                    mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32) * v_scale
         e_sum = e_sum * alpha + tl.sum(p, 1)
         e_max = n_max
 
@@ -203,12 +208,15 @@ def verify_attention_fwd(
     k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     num_draft: int, sm_scale: float, sliding_window: int = -1, splits: Optional[int] = None,
     block_n: Optional[int] = None, num_warps: Optional[int] = None, grouped: Optional[bool] = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``num_draft`` chained draft queries per sequence over their prefix and each other; writes ``o``.
 
     q [bs*L, Hq, D], k_draft [bs*L, Hkv, D], v_draft [bs*L, Hkv, Dv], o [bs*L, Hq, Dv]; k_buffer
     [slots, Hkv, D], v_buffer [slots, Hkv, Dv] (the KV pool); kv_indptr [bs+1], kv_indices: pool slots of the
-    prefix keys. ``sliding_window``: the exclusive radius W (-1: full attention). See the module docstring.
+    prefix keys. ``sliding_window``: the exclusive radius W (-1: full attention). ``k_scale``/``v_scale``: the
+    pool's dequantisation factors (an fp8 pool: keys are ``k_buffer * k_scale``); the draft K/V are unscaled.
+    See the module docstring.
     """
     L = int(num_draft)
     if not 1 <= L <= MAX_DRAFT:
@@ -230,6 +238,12 @@ def verify_attention_fwd(
     if k_buffer.shape[1:] != (Hkv, D) or v_buffer.shape[1:] != (Hkv, Dv):
         raise ValueError(f"KV pool {tuple(k_buffer.shape)} / {tuple(v_buffer.shape)} does not match "
                          f"{Hkv} kv heads of dims {D} / {Dv}")
+    if k_draft.dtype != q.dtype or v_draft.dtype != q.dtype or o.dtype != q.dtype:
+        raise ValueError(f"q, k_draft, v_draft and o must share a dtype, got {q.dtype}, {k_draft.dtype}, "
+                         f"{v_draft.dtype}, {o.dtype}")
+    pool_ok = (q.dtype,) + POOL_FP8
+    if k_buffer.dtype not in pool_ok or v_buffer.dtype not in pool_ok:
+        raise ValueError(f"KV pool dtype {k_buffer.dtype} / {v_buffer.dtype}: expected {q.dtype} or fp8")
     if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
     BLOCK_M = max(16, triton.next_power_of_2(L))
@@ -251,7 +265,7 @@ def verify_attention_fwd(
     common = dict(kv_group=Hq // Hkv, L=L, W=W, NSPLIT=S, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                   BLOCK_DV=BLOCK_DV, DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=warps, num_stages=1)
     _verify_prefix_kernel[(bs, Hq // GH, S)](
-        q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, float(sm_scale),
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, float(sm_scale) * float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), HQ=Hq, GH=GH, LSE_M=BLOCK_M,
         BLOCK_N=BLOCK_N, **dict(common, BLOCK_M=BLOCK_R))
@@ -265,8 +279,10 @@ def verify_attention_fwd(
 def verify_attention_ref(
     q: torch.Tensor, k_draft: torch.Tensor, v_draft: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     kv_indptr: torch.Tensor, kv_indices: torch.Tensor, num_draft: int, sm_scale: float, sliding_window: int = -1,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """fp32 reference of :func:`verify_attention_fwd` (per sequence, dense softmax), output in q's dtype."""
+    """fp32 reference of :func:`verify_attention_fwd` (per sequence, dense softmax, the pool dequantised),
+    output in q's dtype."""
     L = int(num_draft)
     bs = kv_indptr.shape[0] - 1
     Hq, Hkv = q.shape[1], k_draft.shape[1]
@@ -275,8 +291,8 @@ def verify_attention_ref(
     for b in range(bs):
         idx = kv_indices[int(kv_indptr[b]):int(kv_indptr[b + 1])].long()
         lp = idx.numel()
-        k = torch.cat([k_buffer[idx], k_draft[b * L:(b + 1) * L]]).float()  # [lp + L, Hkv, D]
-        v = torch.cat([v_buffer[idx], v_draft[b * L:(b + 1) * L]]).float()
+        k = torch.cat([k_buffer[idx].float() * k_scale, k_draft[b * L:(b + 1) * L].float()])  # [lp + L, Hkv, D]
+        v = torch.cat([v_buffer[idx].float() * v_scale, v_draft[b * L:(b + 1) * L].float()])
         k = k.repeat_interleave(Hq // Hkv, 1)
         v = v.repeat_interleave(Hq // Hkv, 1)
         qb = q[b * L:(b + 1) * L].float()

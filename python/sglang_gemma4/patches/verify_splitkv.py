@@ -13,7 +13,8 @@ Hook: AFTER ``TritonAttnBackend.__init__``. An eligible backend gets ``use_verif
 ``verify_splitkv_fwd`` becomes :func:`verify_fwd`. That runs
 :func:`sglang_gemma4.kernels.verify_attention.verify_attention_fwd`, which applies the per-draft window mask
 ``extend_attention_fwd`` applies. For anything else it returns False, so SGLang's own kernel runs:
-- tensors or scales it was not built for (fp8 KV, sinks, logit cap, xai temperature, non-causal);
+- what it was not built for: tensor-valued KV scales, sinks, a logit cap, xai temperature, non-causal
+  attention (an fp8 pool with SGLang's host-side scales is served: tiles are widened to q's dtype on load);
 - a ragged batch;
 - more than 16 drafts.
 SGLang's own gate still requires ``forward_mode.is_target_verify()`` and no ``score_mod``.
@@ -87,13 +88,14 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _unit(scale) -> bool:
-    if _is_tensor(scale):  # reading it would sync inside the verify graph
-        return False
+def _scale(scale) -> Optional[float]:
+    """A host-side dequantisation factor, or None (a tensor would need a sync inside the verify graph)."""
+    if _is_tensor(scale):
+        return None
     try:
-        return float(scale) == 1.0
+        return float(scale)
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
@@ -104,17 +106,19 @@ def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_in
 
     ``custom_mask`` is not read: at topk 1 it is the causal chain this kernel applies (and reading it
     would sync). Only shapes, dtypes and Python scalars decide, so the call is CUDA-graph safe."""
-    from sglang_gemma4.kernels.verify_attention import MAX_DRAFT, verify_attention_fwd
+    from sglang_gemma4.kernels.verify_attention import MAX_DRAFT, POOL_FP8, verify_attention_fwd
 
+    ks, vs = _scale(k_scale), _scale(v_scale)
     if (not is_causal or sinks is not None or (logit_cap or 0) > 0 or (xai_temperature_len or -1) > 0
-            or not _unit(k_scale) or not _unit(v_scale) or _is_tensor(max_len_extend)):
+            or ks is None or vs is None or _is_tensor(max_len_extend)):
         return False
     L = int(max_len_extend)
     bs = qo_indptr.shape[0] - 1
     if not 1 <= L <= MAX_DRAFT or bs < 1 or q_extend.dim() != 3 or q_extend.shape[0] != bs * L:
         return False
-    if k_buffer.dim() != 3 or v_buffer.dim() != 3 or k_buffer.dtype != q_extend.dtype \
-            or v_buffer.dtype != q_extend.dtype or k_extend.dtype != q_extend.dtype or v_extend.dtype != q_extend.dtype:
+    pool_ok = (q_extend.dtype,) + POOL_FP8
+    if k_buffer.dim() != 3 or v_buffer.dim() != 3 or k_buffer.dtype not in pool_ok \
+            or v_buffer.dtype not in pool_ok or k_extend.dtype != q_extend.dtype or v_extend.dtype != q_extend.dtype:
         return False
     if k_extend.dim() != 3 or k_buffer.shape[1:] != k_extend.shape[1:] or v_buffer.shape[1:] != v_extend.shape[1:]:
         return False
@@ -124,7 +128,7 @@ def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_in
     scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
     window = sliding_window_size if sliding_window_size is not None and sliding_window_size > 0 else -1
     verify_attention_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
-                         L, scale, window)
+                         L, scale, window, k_scale=ks, v_scale=vs)
     return True
 
 
