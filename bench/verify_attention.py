@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fp8", action="store_true", help="also every shape over an fp8 (e4m3) KV pool")
     ap.add_argument("--splits", default="", help="comma list: also time ours at these split counts (batch 1 and 16)")
     a = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -167,10 +168,15 @@ def main(argv=None) -> int:
         return 0
     batches = [1, 16] if a.quick else [1, 8, 16, 48]
     rows = []
-    for name, (Hq, Hkv, D, window) in WIDTHS.items():
+    shapes = [(name, w, False) for name, w in WIDTHS.items()]
+    if a.fp8:  # the same shapes over an fp8 pool (scales 1): ours widens the tiles, SGLang's rounds q and p
+        shapes += [(name + "_fp8", w, True) for name, w in WIDTHS.items()]
+    for name, (Hq, Hkv, D, window), fp8 in shapes:
         for P in PREFIXES:
             for bs in batches:
                 t = case(Hq, Hkv, D, window, bs, P)
+                if fp8:
+                    t["kb"], t["vb"] = t["kb"].to(torch.float8_e4m3fn), t["vb"].to(torch.float8_e4m3fn)
                 res = {}
                 ref = None
                 for impl, fn in impls(t, window).items():
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
                         if impl == "ours":
                             raise
                         res[impl] = {"us": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                if a.splits and bs in (1, 16):
+                if a.splits and bs in (1, 16) and not fp8:
                     for n in [int(x) for x in a.splits.split(",") if x]:
                         fn = (lambda n=n: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"],
                                                                t["indptr"], t["indices"], L, 1.0, window, splits=n))
