@@ -255,8 +255,8 @@ def bench_once(s: srv.Server, tok: Path, wl: tuple, seed: int, out: Path, timeou
 
 
 def _abandon_trace(s: srv.Server, d: Path) -> None:
-    """A trace that never completed: stop the profiler (a server left tracing answered no timed run for the
-    rest of a call on the H200) and drop the partial files (200 MB of them did not fit the result tarball)."""
+    """A trace that never completed: stop the profiler (on the H200 a server whose trace did not finish then
+    answered no timed run within 60 s) and drop the partial files (200 MB of them did not fit the result tarball)."""
     try:
         srv.http(s.base + "/stop_profile", {})
     except Exception:

@@ -175,7 +175,7 @@ case "${1:-}" in
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
   mtp-26b-v2) # issue #19 on 26B-A4B: overlap (V2=1) vs synchronous (V2=0), the two spec servers side by side at
     # equal static budgets (ratios V2=1 / V2=0), each one's speculative step traced first (GPU only: a CPU+GPU trace of the 26B overlap server
-    # took > 150 s to write and stalled it)
+    # did not finish in 150 s, and that server then answered no timed run)
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"
     $PY bench/serve.py --model 26b --arms "$V1,$V0" --base "$V0" --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
       --deadline-s "${SERVE_DEADLINE_S:-430}" --bench-timeout 60 --extra-server-args "${SERVE_EXTRA:-}" \
