@@ -136,6 +136,13 @@ def write_report(doc, stem: Path) -> None:
                "| width | bs | prefix | " + " | ".join(f"S={n}" for n in ns) + " |", "|---|---|---|" + "---|" * len(ns)]
         md += [f"| {r['width']} | {r['bs']} | {r['prefix']} | " + " | ".join(
             str(r.get(f"ours_splits{n}", {}).get("us", "-")) for n in ns) + " |" for r in sweep]
+    tiled = [r for r in rows if any(k.startswith("ours_tile") for k in r)]
+    if tiled:
+        ts = sorted({k[len("ours_tile"):] for r in tiled for k in r if k.startswith("ours_tile")})
+        md += ["", "Prefix tile sweep of ours (BLOCK_N x warps, us; `ours` above uses the defaults):", "",
+               "| width | bs | prefix | " + " | ".join(ts) + " |", "|---|---|---|" + "---|" * len(ts)]
+        md += [f"| {r['width']} | {r['bs']} | {r['prefix']} | " + " | ".join(
+            str(r.get(f"ours_tile{t}", {}).get("us", "-")) for t in ts) + " |" for r in tiled]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -161,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="also every shape over an fp8 (e4m3) KV pool")
+    ap.add_argument("--tiles", default="", help="comma list of BLOCK_NxWARPS (e.g. 16x4,32x8): also time ours with "
+                                                "these prefix tiles (batch 1 and 16, bf16 pool)")
     ap.add_argument("--splits", default="", help="comma list: also time ours at these split counts (batch 1 and 16)")
     a = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -197,6 +206,13 @@ def main(argv=None) -> int:
                         fn = (lambda n=n: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"],
                                                                t["indptr"], t["indices"], L, 1.0, window, splits=n))
                         res[f"ours_splits{n}"] = {"us": time_us(fn, a.quick)}
+                if a.tiles and bs in (1, 16) and not fp8:
+                    for tile in [x for x in a.tiles.split(",") if x]:
+                        bn, w = (int(v) for v in tile.split("x"))
+                        fn = (lambda bn=bn, w=w: verify_attention_fwd(
+                            t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["indptr"], t["indices"], L, 1.0,
+                            window, block_n=bn, num_warps=w))
+                        res[f"ours_tile{tile}"] = {"us": time_us(fn, a.quick)}
                 row = {"width": name, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "window": window, "bs": bs,
                        "prefix": P, "drafts": L, **res}
                 ext = res["sglang_extend"].get("us")

@@ -184,7 +184,7 @@ case "${1:-}" in
   verify-splitkv) # issue #19: the split-KV target-verify kernel compiled at Gemma-4 widths (tests vs fp32 and SGLang's
     # extend kernel), its patch's CPU-shaped tests, then the kernel bench vs SGLang (VERIFY_BENCH=full for all batches)
     $PY -m pytest test/kernels/test_verify_attention.py test/patches/test_verify_splitkv.py -q -rfE 2>&1 | tee "$OUT/verify-tests.txt"
-    $PY bench/verify_attention.py --out "$OUT/runs" --fp8 --splits "${VERIFY_SPLITS:-2,4,8,16,32}" $([ "${VERIFY_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/verify-bench.txt" ;;
+    $PY bench/verify_attention.py --out "$OUT/runs" --fp8 --splits "${VERIFY_SPLITS:-2,4,8,16,32}" --tiles "${VERIFY_TILES:-16x4,32x8,64x8}" $([ "${VERIFY_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/verify-bench.txt" ;;
   verify-splitkv-modes) # issue #19: lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks) with the kernel on
     SGLANG_GEMMA4_VERIFY_SPLITKV=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/verify-modes.txt"
     grep -H "split-KV target-verify attention" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/verify-modes.txt" ;;

@@ -68,11 +68,12 @@ def test_main_end_to_end_with_a_stub_timer(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "PREFIXES", (20,))
     monkeypatch.setattr(bench, "time_us", lambda fn, quick: 1.0)
     monkeypatch.setattr(bench, "versions", lambda: {"gpu": "Test GPU", "sglang": "x"})
-    assert bench.main(["--out", str(tmp_path), "--quick", "--splits", "1,3", "--fp8"]) == 0
+    assert bench.main(["--out", str(tmp_path), "--quick", "--splits", "1,3", "--fp8", "--tiles", "16x4,32x8"]) == 0
     doc = json.loads((tmp_path / "verify-attention-test-gpu.json").read_text())
     assert len(doc["rows"]) == 8  # 2 widths x (bf16, fp8 pool) x 1 prefix x batches 1, 16
     doc["rows"] = [r for r in doc["rows"] if not r["width"].endswith("_fp8")]  # fp8: SGLang rounds q, p
     for r in doc["rows"]:  # the split sweep runs on the bf16 pool only
-        assert r["ours"]["us"] == 1.0 and r["ours_splits3"]["us"] == 1.0
+        assert r["ours"]["us"] == 1.0 and r["ours_splits3"]["us"] == 1.0 and r["ours_tile32x8"]["us"] == 1.0
         assert r["sglang_extend"]["max_abs_diff_vs_ours"] < 1e-4  # same attention, fp32
-    assert "S=1 | S=3" in (tmp_path / "verify-attention-test-gpu.md").read_text()
+    md = (tmp_path / "verify-attention-test-gpu.md").read_text()
+    assert "S=1 | S=3" in md and "| 16x4 | 32x8 |" in md

@@ -196,6 +196,19 @@ def num_splits(bs: int, num_q_heads: int, device: torch.device) -> int:
     return max(1, min(16, triton.cdiv(2 * _sm_count(device), max(1, bs * num_q_heads))))
 
 
+def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[bool] = None,
+                  block_n: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
+    """Tile sizes and program layout of a launch (also what test_verify_attention_aot compiles for sm_90)."""
+    BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    G = Hq // Hkv
+    if grouped is None:  # the whole GQA group per program while its accumulator stays <= 16 x 512 fp32
+        grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 16 * 512
+    GH = G if grouped else 1
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(L)), BLOCK_R=max(16, triton.next_power_of_2(L * GH)), GH=GH,
+                BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_N=block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16),
+                warps=num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8))
+
+
 def _check(name: str, t: torch.Tensor, dim: int) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != dim:
         raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -246,29 +259,22 @@ def verify_attention_fwd(
         raise ValueError(f"KV pool dtype {k_buffer.dtype} / {v_buffer.dtype}: expected {q.dtype} or fp8")
     if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
-    BLOCK_M = max(16, triton.next_power_of_2(L))
-    BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
-    BLOCK_N = block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16)
-    warps = num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8)
     W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
-
-    G = Hq // Hkv
-    if grouped is None:  # the whole GQA group per program while its accumulator stays <= 16 x 512 fp32
-        grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 16 * 512
-    GH = G if grouped else 1
-    BLOCK_R = max(16, triton.next_power_of_2(L * GH))
+    cfg = launch_config(L, Hq, Hkv, D, Dv, grouped, block_n, num_warps)
+    GH, BLOCK_M = cfg["GH"], cfg["BLOCK_M"]
     S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device)  # programs per split: bs * Hq / GH
     if S < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     mid_o = torch.empty((bs, Hq, S, L, Dv), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((bs, Hq, S, BLOCK_M), dtype=torch.float32, device=q.device)
-    common = dict(kv_group=Hq // Hkv, L=L, W=W, NSPLIT=S, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-                  BLOCK_DV=BLOCK_DV, DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=warps, num_stages=1)
+    common = dict(kv_group=Hq // Hkv, L=L, W=W, NSPLIT=S, D=D, DV=Dv, BLOCK_M=BLOCK_M, BLOCK_D=cfg["BLOCK_D"],
+                  BLOCK_DV=cfg["BLOCK_DV"], DOT_F32=_INTERPRET or q.dtype == torch.float32, num_warps=cfg["warps"],
+                  num_stages=1)
     _verify_prefix_kernel[(bs, Hq // GH, S)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, float(sm_scale) * float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), HQ=Hq, GH=GH, LSE_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, **dict(common, BLOCK_M=BLOCK_R))
+        BLOCK_N=cfg["BLOCK_N"], **dict(common, BLOCK_M=cfg["BLOCK_R"]))
     _verify_merge_kernel[(bs, Hq)](
         q, k_draft, v_draft, o, mid_o, mid_lse, float(sm_scale),
         q.stride(0), q.stride(1), k_draft.stride(0), k_draft.stride(1), v_draft.stride(0), v_draft.stride(1),
