@@ -170,14 +170,8 @@ class _ThreadStdout:
     def __init__(self, real):
         self.real, self.local = real, threading.local()
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # write, flush, ...: this thread's target
         return getattr(getattr(self.local, "target", None) or self.real, name)
-
-    def write(self, text):
-        return (getattr(self.local, "target", None) or self.real).write(text)
-
-    def flush(self):
-        return (getattr(self.local, "target", None) or self.real).flush()
 
 
 def _thread_stdout() -> _ThreadStdout:

@@ -59,21 +59,23 @@ def case(Hq, Hkv, D, window, bs, P, dev=None, dtype=None, seed=0):
     return t
 
 
+def ours(t, window, **kw):
+    """Our kernel on case ``t`` with launcher options ``kw``, as a no-argument call."""
+    return lambda: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["indptr"], t["indices"],
+                                        L, 1.0, window, **kw)
+
+
 def impls(t, window):
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 
     out = {
-        "ours": lambda: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["indptr"],
-                                             t["indices"], L, 1.0, window),
+        "ours": ours(t, window),
         "sglang_extend": lambda: extend_attention_fwd(
             t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["qo"], t["indptr"], t["indices"], t["mask"], True,
             t["mask_indptr"], L, 1.0, 1.0, 1.0, sliding_window_size=window, window_kv_offsets=t["offsets"]),
     }
     if t["q"].shape[1] > t["k"].shape[1]:  # GQA: both program layouts, side by side with the default
-        for name, grouped in (("ours_grouped", True), ("ours_per_head", False)):
-            out[name] = (lambda grouped=grouped: verify_attention_fwd(
-                t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["indptr"], t["indices"], L, 1.0, window,
-                grouped=grouped))
+        out["ours_grouped"], out["ours_per_head"] = ours(t, window, grouped=True), ours(t, window, grouped=False)
     if window < 0:
         try:
             from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
         return 0
     batches = [1, 16] if a.quick else [1, 8, 16, 48]
     rows = []
+    sweep = [(f"ours_splits{n}", dict(splits=int(n))) for n in a.splits.split(",") if n]
+    sweep += [(f"ours_tile{x}", dict(zip(("block_n", "num_warps"), map(int, x.split("x"))))) for x in a.tiles.split(",") if x]
     shapes = [(name, w, False) for name, w in WIDTHS.items()]
     if a.fp8:  # the same shapes over an fp8 pool (scales 1): ours widens the tiles, SGLang's rounds q and p
         shapes += [(name + "_fp8", w, True) for name, w in WIDTHS.items()]
@@ -201,18 +205,9 @@ def main(argv=None) -> int:
                         if impl == "ours":
                             raise
                         res[impl] = {"us": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                if a.splits and bs in (1, 16) and not fp8:
-                    for n in [int(x) for x in a.splits.split(",") if x]:
-                        fn = (lambda n=n: verify_attention_fwd(t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"],
-                                                               t["indptr"], t["indices"], L, 1.0, window, splits=n))
-                        res[f"ours_splits{n}"] = {"us": time_us(fn, a.quick)}
-                if a.tiles and bs in (1, 16) and not fp8:
-                    for tile in [x for x in a.tiles.split(",") if x]:
-                        bn, w = (int(v) for v in tile.split("x"))
-                        fn = (lambda bn=bn, w=w: verify_attention_fwd(
-                            t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["indptr"], t["indices"], L, 1.0,
-                            window, block_n=bn, num_warps=w))
-                        res[f"ours_tile{tile}"] = {"us": time_us(fn, a.quick)}
+                if bs in (1, 16) and not fp8:  # the sweeps: split counts, prefix tiles
+                    for key, kw in sweep:
+                        res[key] = {"us": time_us(ours(t, window, **kw), a.quick)}
                 row = {"width": name, "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "window": window, "bs": bs,
                        "prefix": P, "drafts": L, **res}
                 ext = res["sglang_extend"].get("us")

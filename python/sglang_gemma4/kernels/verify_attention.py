@@ -54,6 +54,19 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _softmax_tile(qk, keep, v, v_scale, acc, e_sum, e_max, DOT_F32: tl.constexpr):
+    """One key tile of online softmax: scores ``qk`` (kept where ``keep``), values ``v`` -> the running
+    (unnormalised output, sum, max); a row with no key yet stays at 0 / 0 / -inf, without NaN."""
+    qk = tl.where(keep, qk, float("-inf"))
+    n_max = tl.maximum(e_max, tl.max(qk, 1))
+    safe = tl.where(n_max == float("-inf"), 0.0, n_max)
+    p = tl.exp(qk - safe[:, None])
+    alpha = tl.exp(e_max - safe)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32) * v_scale
+    return acc, e_sum * alpha + tl.sum(p, 1), n_max
+
+
+@triton.jit
 def _verify_prefix_kernel(
     Q, K_Buf, V_Buf, Kv_Indptr, Kv_Indices, Mid_O, Mid_Lse,
     qk_scale, v_scale,
@@ -100,16 +113,9 @@ def _verify_prefix_kernel(
         keep = mask_m[:, None] & mask_n[None, :]
         if W >= 0:
             keep &= (lp + draft[:, None] - n[None, :]) <= W
-        qk = tl.where(keep, qk, float("-inf"))
-        n_max = tl.maximum(e_max, tl.max(qk, 1))
-        safe = tl.where(n_max == float("-inf"), 0.0, n_max)  # a row with no key yet: no NaN
-        p = tl.exp(qk - safe[:, None])
-        alpha = tl.exp(e_max - safe)
         v = tl.load(V_Buf + loc[:, None] * stride_vb + kvh * stride_vh + offs_dv[None, :],
                     mask=mask_n[:, None] & (offs_dv[None, :] < DV), other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32) * v_scale
-        e_sum = e_sum * alpha + tl.sum(p, 1)
-        e_max = n_max
+        acc, e_sum, e_max = _softmax_tile(qk, keep, v, v_scale, acc, e_sum, e_max, DOT_F32)
 
     has = e_sum > 0
     out = acc / tl.where(has, e_sum, 1.0)[:, None]
@@ -163,15 +169,9 @@ def _verify_merge_kernel(
     keep = mask_m[:, None] & mask_m[None, :] & (offs_m[None, :] <= offs_m[:, None])
     if W >= 0:
         keep &= (offs_m[:, None] - offs_m[None, :]) <= W
-    qk = tl.where(keep, qk, float("-inf"))
-    n_max = tl.maximum(e_max, tl.max(qk, 1))
-    safe = tl.where(n_max == float("-inf"), 0.0, n_max)
-    p = tl.exp(qk - safe[:, None])
-    alpha = tl.exp(e_max - safe)
     v = tl.load(V_Draft + (b * L + offs_m[:, None]) * stride_vt + kvh * stride_vh + offs_dv[None, :],
                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-    e_sum = e_sum * alpha + tl.sum(p, 1)
+    acc, e_sum, e_max = _softmax_tile(qk, keep, v, 1.0, acc, e_sum, e_max, DOT_F32)
     out = acc / tl.where(e_sum > 0, e_sum, 1.0)[:, None]
     tl.store(O + (b * L + offs_m[:, None]) * stride_ot + h * stride_oh + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
