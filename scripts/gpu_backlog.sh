@@ -16,6 +16,12 @@ if [ -f .gpu-bundle/setup.sh ] && [ -z "${GPU_BACKLOG_READY:-}" ]; then  # once:
   export GPU_BACKLOG_READY=1
 fi
 PY=python3
+# the lossless FROZEN_KV_MTP modes test with one knob set (KNOB=VALUE), then which engine logs show the patch's
+# line (regex $2): modes_with KNOB=VALUE REGEX OUTFILE
+modes_with() {
+  env "$1" $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/$3"
+  grep -H "$2" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/$3"
+}
 # serve-*/mtp-*/prof-*/e4b-*/fusion-*/*modes: greedy loads never reach flashinfer's sampler, so skip its ~100 s
 # first-build (jit_prewarm) on a fresh device (97 s of the modes part's first engine on 2026-12-04); the serving
 # soak (part "serving") keeps it on, since it tests that.
@@ -167,9 +173,8 @@ case "${1:-}" in
   nosync-modes) # issue #19: the lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks on) with
     # SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1; its 8-running engines reach the verify graph's captured max batch, where
     # the row-sized mask must fall back to SGLang's exact draft (the overflow of session 12)
-    SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py \
-      -q -s -rfE 2>&1 | tee "$OUT/nosync-modes.txt"
-    grep -H "draft step sized from the host\|bounded tree mask would not fit" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/nosync-modes.txt" ;;
+    modes_with SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC=1 "draft step sized from the host\|bounded tree mask would not fit" \
+      nosync-modes.txt ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
       SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
@@ -186,8 +191,7 @@ case "${1:-}" in
     $PY -m pytest test/kernels/test_verify_attention.py test/patches/test_verify_splitkv.py -q -rfE 2>&1 | tee "$OUT/verify-tests.txt"
     $PY bench/verify_attention.py --out "$OUT/runs" --fp8 --splits "${VERIFY_SPLITS:-2,4,8,16,32}" --tiles "${VERIFY_TILES:-16x4,32x8,64x8}" $([ "${VERIFY_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/verify-bench.txt" ;;
   verify-splitkv-modes) # issue #19: lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks) with the kernel on
-    SGLANG_GEMMA4_VERIFY_SPLITKV=1 $PY -m pytest test/gpu/test_frozen_kv_mtp_modes.py -q -s -rfE 2>&1 | tee "$OUT/verify-modes.txt"
-    grep -H "split-KV target-verify attention" "$OUT"/logs/*.log 2>/dev/null | sed "s/^/fired: /" | tee -a "$OUT/verify-modes.txt" ;;
+    modes_with SGLANG_GEMMA4_VERIFY_SPLITKV=1 "split-KV target-verify attention" verify-modes.txt ;;
   verify-all) # issue #19, one call: verify-splitkv (kernel tests + bench, <= 270 s), then verify-splitkv-modes in
     # what is left of PART_BUDGET_S (555)
     t0=$(date +%s)
