@@ -42,7 +42,8 @@ def _arm(serving, arm):
     return serving["arms"][arm]
 
 
-SOAK_ARMS = ["plain", "plain_no_radix", "mtp_v2_unset", "mtp_v2_0", "mtp_v2_1", "mtp_v2_1_nosync", "plugin_off", "e4b_full_dummy"]
+SOAK_ARMS = ["plain", "plain_no_radix", "mtp_v2_unset", "mtp_v2_0", "mtp_v2_1", "mtp_v2_1_nosync", "mtp_v2_1_verify",
+             "plugin_off", "e4b_full_dummy"]
 
 
 @pytest.mark.gpu

@@ -75,7 +75,8 @@ def test_serving_suite_arms_cover_the_issue():
     envs = {n: a[2] for n, a in arms.items()}
     assert {envs[n].get("SGLANG_FROZEN_KV_MTP_V2") for n in ("mtp_v2_unset", "mtp_v2_0", "mtp_v2_1")} == {None, "0", "1"}
     assert envs["mtp_v2_1_nosync"] == {"SGLANG_FROZEN_KV_MTP_V2": "1", "SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC": "1"}
-    assert arms["mtp_v2_1_nosync"][1] == arms["mtp_v2_1"][1]
+    assert arms["mtp_v2_1_nosync"][1] == arms["mtp_v2_1"][1] == arms["mtp_v2_1_verify"][1]
+    assert envs["mtp_v2_1_verify"] == {"SGLANG_FROZEN_KV_MTP_V2": "1", "SGLANG_GEMMA4_VERIFY_SPLITKV": "1"}
     assert "--disable-radix-cache" in arms["plain_no_radix"][1] and envs["plugin_off"] == {"SGLANG_PLUGINS": "none"}
     assert arms["e4b_full_dummy"][0] == "E" and "dummy" in arms["e4b_full_dummy"][1]
     assert arms["mm_images"][0] == "M" and "--enable-multimodal" in arms["mm_images"][1]

@@ -43,6 +43,9 @@ def serving_arms(target, draft, e4b, mm):
         # the overlap draft step without its seq_lens .item() (default-off patch): aborts and mixed load on the bound path
         "mtp_v2_1_nosync": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "1", "SGLANG_GEMMA4_MTP_DRAFT_NO_SYNC": "1"},
                             "full", True),
+        # the split-KV target-verify kernel (default-off patch) under the same load, aborts and bad input
+        "mtp_v2_1_verify": (target, base + spec, {"SGLANG_FROZEN_KV_MTP_V2": "1", "SGLANG_GEMMA4_VERIFY_SPLITKV": "1"},
+                            "full", True),
         "plugin_off": (target, base, {"SGLANG_PLUGINS": "none"}, "full", True),
         "e4b_full_dummy": (e4b, base + ["--load-format", "dummy"], {}, "idle", True),
         # multimodal checkpoint (processor files inside): broken images, then a good one
