@@ -204,7 +204,7 @@ case "${1:-}" in
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"
     $PY bench/serve.py --model 26b --arms "$V1,$V1+SGLANG_GEMMA4_VERIFY_SPLITKV=1" --base "$V1" --static-gib "${SERVE_STATIC_GIB:-62}" \
       --repeat 3 --deadline-s "${SERVE_DEADLINE_S:-430}" --bench-timeout 60 --extra-server-args "${SERVE_EXTRA:-}" \
-      --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c16}" --profile "$V1+SGLANG_GEMMA4_VERIFY_SPLITKV=1:chat_c1" \
+      --workloads "${SERVE_WORKLOADS:-chat_c1,chat_c16}" $([ "${SERVE_PROFILE:-1}" = 0 ] || echo --profile "$V1+SGLANG_GEMMA4_VERIFY_SPLITKV=1:chat_c1") \
       --out "$OUT/mtp-26b-verify" 2>&1 | tee "$OUT/mtp-26b-verify.txt" ;;
   bench-enc) $PY bench/encoder.py --out "$OUT/runs" --mm-attention-backend triton_attn --quick 2>&1 | tee "$OUT/bench-enc.txt" ;;
   *) echo "usage: $0 lanes|swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|prof-26b|e4b-all|fusion-ab"; exit 2 ;;

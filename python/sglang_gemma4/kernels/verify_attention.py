@@ -189,11 +189,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def num_splits(bs: int, num_q_heads: int, device: torch.device) -> int:
+def num_splits(bs: int, num_programs: int, device: torch.device, whole_waves: bool = False) -> int:
     """About two programs per SM over the prefix, 1..16 splits (a function of the shapes only). More splits
-    shorten each program's walk but lengthen the merge's serial loop over them; tune with
+    shorten each program's walk but lengthen the merge's serial loop over them. ``whole_waves``: round down, so
+    the grid never spills into a partial wave; the 512-wide tiles need it (H200, E4B full layer, batch 16, 8k:
+    9 splits 428 us, 8 splits 278 us, runs/verify-attention-nvidia-h200.md). Tune with
     ``bench/verify_attention.py --splits``."""
-    return max(1, min(16, triton.cdiv(2 * _sm_count(device), max(1, bs * num_q_heads))))
+    per_split = max(1, bs * num_programs)
+    slots = 2 * _sm_count(device)
+    return max(1, min(16, slots // per_split if whole_waves else triton.cdiv(slots, per_split)))
 
 
 def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[bool] = None,
@@ -201,8 +205,9 @@ def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[
     """Tile sizes and program layout of a launch (also what test_verify_attention_aot compiles for sm_90)."""
     BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     G = Hq // Hkv
-    if grouped is None:  # the whole GQA group per program while its accumulator stays <= 16 x 512 fp32
-        grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 16 * 512
+    if grouped is None:  # the whole GQA group per program while its accumulator stays <= 32 x 512 fp32 (26B's
+        # full layer, 8 q heads per kv head: grouped 102 us vs per-head 249 us at batch 16 on the H200)
+        grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 32 * 512
     GH = G if grouped else 1
     return dict(BLOCK_M=max(16, triton.next_power_of_2(L)), BLOCK_R=max(16, triton.next_power_of_2(L * GH)), GH=GH,
                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_N=block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16),
@@ -262,7 +267,7 @@ def verify_attention_fwd(
     W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
     cfg = launch_config(L, Hq, Hkv, D, Dv, grouped, block_n, num_warps)
     GH, BLOCK_M = cfg["GH"], cfg["BLOCK_M"]
-    S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device)  # programs per split: bs * Hq / GH
+    S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device, cfg["BLOCK_DV"] > 256)
     if S < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     mid_o = torch.empty((bs, Hq, S, L, Dv), dtype=torch.float32, device=q.device)
