@@ -22,7 +22,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 KNOB = "SGLANG_FROZEN_KV_MTP_V2"
-PAIRS = [("agree_target", "agree_assistant", True), ("dense_ple", "assistant", False)]
+ALL_PAIRS = [("agree_target", "agree_assistant", True), ("dense_ple", "assistant", False)]
+# GEMMA4_MODES_PAIRS=dense_ple (comma list of targets): only those pairs' engines, for a short device call
+_ONLY = [p for p in os.environ.get("GEMMA4_MODES_PAIRS", "").split(",") if p]
+PAIRS = [p for p in ALL_PAIRS if not _ONLY or p[0] in _ONLY]
 # The effective-mode line (the patch's status line, printed per process, words it differently).
 MODE_LOG = {"0": "INFO FROZEN_KV_MTP runs synchronously (no overlap)",
             "1": "INFO FROZEN_KV_MTP runs the spec-v2 overlap schedule"}

@@ -217,8 +217,11 @@ def test_registered_through_sglangs_hook_registry(monkeypatch):
     assert other.use_verify_splitkv is False and other.verify_splitkv_fwd == "sglang's"
     off = tb.TritonAttnBackend(_runner())  # hooks removed again
     assert off.use_verify_splitkv is False
-    with patch_applied(vsk.PATCH, {}) as st:  # default off
+    with patch_applied(vsk.PATCH, {}) as st:  # default on
+        assert st.state == registry.ACTIVE
+    with patch_applied(vsk.PATCH, {vsk.PATCH.knob: "0"}) as st:
         assert st.state != registry.ACTIVE
+        assert tb.TritonAttnBackend(_runner()).use_verify_splitkv is False  # knob off: SGLang's verify kernel
     assert vsk.PATCH.upstream() is None and vsk.PATCH.unavailable() is None  # 0.5.17: gfx95 only, no windows
 
 
