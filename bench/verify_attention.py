@@ -74,6 +74,8 @@ def impls(t, window):
             t["q"], t["k"], t["v"], t["o"], t["kb"], t["vb"], t["qo"], t["indptr"], t["indices"], t["mask"], True,
             t["mask_indptr"], L, 1.0, 1.0, 1.0, sliding_window_size=window, window_kv_offsets=t["offsets"]),
     }
+    # the merge as one program per head over the whole width (its layout before 2026-12-04), vs 64-wide slices
+    out["ours_merge_full"] = ours(t, window, merge_dv=t["v"].shape[2])
     if t["q"].shape[1] > t["k"].shape[1]:  # GQA: both program layouts, side by side with the default
         out["ours_grouped"], out["ours_per_head"] = ours(t, window, grouped=True), ours(t, window, grouped=False)
     if window < 0:
@@ -124,12 +126,13 @@ def write_report(doc, stem: Path) -> None:
     md = [f"# Target-verify attention, {L} drafts: split-KV (ours) vs SGLang ({v.get('gpu')})", "",
           f"Date {doc['date']}; SGLang {v.get('sglang')}, torch {v.get('torch')}, triton {v.get('triton')}. "
           "bf16, CUDA-graph timed (us per call, median of replays). Sliding widths: 1024-key window.", "",
-          "| width | bs | prefix | ours (us) | ours grouped / per head (us) | SGLang extend (us) | SGLang split-KV (us) "
-          "| extend / ours | max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
+          "| width | bs | prefix | ours (us) | ours grouped / per head (us) | ours, one-slice merge (us) | SGLang extend (us) "
+          "| SGLang split-KV (us) | extend / ours | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sk = r.get("sglang_splitkv", {}).get("us", "-")
         gp = f"{r.get('ours_grouped', {}).get('us', '-')} / {r.get('ours_per_head', {}).get('us', '-')}"
-        md.append(f"| {r['width']} | {r['bs']} | {r['prefix']} | {r['ours']['us']} | {gp} | {r['sglang_extend']['us']} | "
+        mf = r.get("ours_merge_full", {}).get("us", "-")
+        md.append(f"| {r['width']} | {r['bs']} | {r['prefix']} | {r['ours']['us']} | {gp} | {mf} | {r['sglang_extend']['us']} | "
                   f"{sk} | {r['speedup_vs_sglang_extend']} | {r['sglang_extend'].get('max_abs_diff_vs_ours', '-')} |")
     sweep = [r for r in rows if any(k.startswith("ours_splits") for k in r)]
     if sweep:

@@ -39,7 +39,7 @@ def test_baselines_compute_the_same_attention(bench, window):
             continue
         outs[name] = t["o"].clone()
     assert isinstance(outs["ours"], torch.Tensor) and isinstance(outs["sglang_extend"], torch.Tensor)
-    for name in ("ours_grouped", "ours_per_head", "sglang_extend"):
+    for name in ("ours_grouped", "ours_per_head", "ours_merge_full", "sglang_extend"):
         torch.testing.assert_close(outs[name], outs["ours"], rtol=2e-5, atol=2e-5)
 
 
@@ -47,14 +47,16 @@ def test_report_from_rows(bench, tmp_path):
     rows = [
         {"width": "26b_full", "bs": 1, "prefix": 1000, "ours": {"us": 10.0}, "sglang_extend": {"us": 150.0,
          "max_abs_diff_vs_ours": 0.01}, "sglang_splitkv": {"us": None, "error": "RuntimeError: x"},
-         "ours_splits4": {"us": 12.0}, "ours_splits8": {"us": 9.5}, "speedup_vs_sglang_extend": 15.0},
+         "ours_splits4": {"us": 12.0}, "ours_splits8": {"us": 9.5}, "ours_merge_full": {"us": 13.0},
+         "speedup_vs_sglang_extend": 15.0},
         {"width": "26b_sliding", "bs": 16, "prefix": 8000, "ours": {"us": 40.0}, "sglang_extend": {"us": None,
          "error": "x"}, "speedup_vs_sglang_extend": None},
     ]
     doc = {"date": "2026-12-04", "versions": {"gpu": "NVIDIA H200", "sglang": "0.5.17"}, "drafts": 4, "rows": rows}
     bench.write_report(doc, tmp_path / "verify-attention-nvidia-h200")
     md = (tmp_path / "verify-attention-nvidia-h200.md").read_text()
-    assert "| 26b_full | 1 | 1000 | 10.0 | - / - | 150.0 | None | 15.0 | 0.01 |" in md
+    assert "| 26b_full | 1 | 1000 | 10.0 | - / - | 13.0 | 150.0 | None | 15.0 | 0.01 |" in md
+    assert "| 26b_sliding | 16 | 8000 | 40.0 | - / - | - | None | - | None | - |" in md
     assert "| 26b_full | 1 | 1000 | 12.0 | 9.5 |" in md and "S=4 | S=8" in md
     assert json.loads((tmp_path / "verify-attention-nvidia-h200.json").read_text())["rows"] == rows
 

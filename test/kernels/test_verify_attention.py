@@ -80,11 +80,18 @@ def test_matches_fp32_reference(dtype, lens, L, Hq, Hkv, D, window, grouped):
     close(run(t, L, 0.3, window, grouped=grouped), ref(t, L, 0.3, window), dtype)
 
 
-@pytest.mark.parametrize("splits", [1, 2, 5, 32])
+@pytest.mark.parametrize("splits", [1, 2, 5, 8, 9, 17, 32])  # the merge unrolls 8 splits at a time
 @pytest.mark.parametrize("grouped", [False, True])
 def test_split_count_does_not_change_the_result(splits, grouped):
     t, _ = make([61, 3, 40], 4, 4, 1, 16, window=20, seed=5)
     close(run(t, 4, 0.25, 20, splits=splits, grouped=grouped), ref(t, 4, 0.25, 20), torch.float32)
+
+
+def test_merge_slices_wide_heads():
+    """The merge runs one 64-wide output slice per program and sums the draft scores over 64-wide D chunks:
+    D = 96 (a masked second chunk), Dv = 160 (three slices, the last one partial)."""
+    t, _ = make([50, 7], 4, 4, 2, 96, Dv=160, window=30, seed=13)
+    close(run(t, 4, 0.1, 30, splits=3), ref(t, 4, 0.1, 30), torch.float32)
 
 
 FP8 = getattr(torch, "float8_e4m3fn", None)

@@ -51,8 +51,16 @@ for name, (Hq, Hkv, D, W) in json.loads(sys.argv[1]).items():
     merge = compile_(va._verify_merge_kernel,
                      {"Q": "*bf16", "K_Draft": "*bf16", "V_Draft": "*bf16", "O": "*bf16", "Mid_O": "*fp32",
                       "Mid_Lse": "*fp32", "sm_scale": "fp32"},
-                     dict(common, BLOCK_M=cfg["BLOCK_M"]), cfg["warps"])
+                     dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["MERGE_D"], BLOCK_DV=cfg["MERGE_DV"],
+                          SPLIT_UNROLL=cfg["SPLIT_UNROLL"]), cfg["MERGE_WARPS"])
     res[f"{name}/merge"] = usage(merge)
+    full = va.launch_config(4, Hq, Hkv, D, D, merge_dv=D)  # the bench's one-slice merge
+    res[f"{name}/merge_full"] = usage(compile_(
+        va._verify_merge_kernel,
+        {"Q": "*bf16", "K_Draft": "*bf16", "V_Draft": "*bf16", "O": "*bf16", "Mid_O": "*fp32", "Mid_Lse": "*fp32",
+         "sm_scale": "fp32"},
+        dict(common, BLOCK_M=full["BLOCK_M"], BLOCK_D=full["MERGE_D"], BLOCK_DV=full["MERGE_DV"],
+             SPLIT_UNROLL=full["SPLIT_UNROLL"]), full["MERGE_WARPS"]))
 print("RESULT " + json.dumps(res))
 '''
 
@@ -74,7 +82,7 @@ def test_kernels_lower_for_sm90_without_spills():
                        timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.split("RESULT ", 1)[1])
-    assert len(res) == 3 * len(WIDTHS)
+    assert len(res) == 4 * len(WIDTHS)
     spilled = {k: v for k, v in res.items() if v["stack"] or v["local"]}
     assert not spilled, spilled  # ptxas puts register spills on the stack (local memory)
     assert all(v["regs"] <= 255 for v in res.values())

@@ -21,7 +21,8 @@ the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` 
   Stage 1, grid (bs, Hq / GH, S): split s of the prefix -> its normalised partial output and log-sum-exp, for GH
   q heads of one kv head per program (GH = the GQA group when its accumulator is small enough, so every K/V
   tile is read once for the group; else 1).
-  Stage 2, grid (bs, Hq): log-sum-exp merge of the S partials and the draft block -> o.
+  Stage 2, grid (bs, Hq, Dv / 64): log-sum-exp merge of the S partials and the draft block -> o, one 64-wide
+  output slice per program.
 The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host) and is
 a runtime argument, so the captured batch sizes share one compiled kernel per layer type; each split's key range
 is cut from its own sequence's length inside the kernel, so unused splits end at once.
@@ -133,45 +134,56 @@ def _verify_merge_kernel(
     stride_ob, stride_mh, stride_ms, stride_mm,
     kv_group: tl.constexpr, L: tl.constexpr, W: tl.constexpr, NSPLIT,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_UNROLL: tl.constexpr,
 ):
+    # one program: one q head's L drafts, one BLOCK_DV slice of the output (program_id 2). The partials are
+    # merged in two passes, max then weighted sum, so the unrolled loads of SPLIT_UNROLL splits do not wait on
+    # each other (a serial online merge was 15 us per call at 26B batch 1, more than the prefix pass).
     b = tl.program_id(0)
     h = tl.program_id(1)
+    dv0 = tl.program_id(2) * BLOCK_DV
     kvh = h // kv_group
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = dv0 + tl.arange(0, BLOCK_DV)
     mask_m = offs_m < L
     mask_dv = offs_dv < DV
+    lse_base = Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M
 
+    offs_s = tl.arange(0, SPLIT_UNROLL)
     e_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s0 in range(0, NSPLIT, SPLIT_UNROLL):
+        lse = tl.load(lse_base + (s0 + offs_s[:, None]) * BLOCK_M + offs_m[None, :],
+                      mask=((s0 + offs_s[:, None]) < NSPLIT) & mask_m[None, :], other=float("-inf"))
+        e_max = tl.maximum(e_max, tl.max(lse, 0))
+    safe = tl.where(e_max == float("-inf"), 0.0, e_max)
     e_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(NSPLIT):  # prefix partials: each is softmax-normalised, weight exp(lse)
-        lse = tl.load(Mid_Lse + (b * tl.num_programs(1) + h) * NSPLIT * BLOCK_M + s * BLOCK_M + offs_m,
-                      mask=mask_m, other=float("-inf"))
-        part = tl.load(Mid_O + b * stride_ob + h * stride_mh + s * stride_ms + offs_m[:, None] * stride_mm
-                       + offs_dv[None, :], mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        n_max = tl.maximum(e_max, lse)
-        safe = tl.where(n_max == float("-inf"), 0.0, n_max)
-        alpha = tl.exp(e_max - safe)
-        w = tl.exp(lse - safe)
-        acc = acc * alpha[:, None] + part * w[:, None]
-        e_sum = e_sum * alpha + w
-        e_max = n_max
+    for s0 in range(0, NSPLIT, SPLIT_UNROLL):  # prefix partials: each is softmax-normalised, weight exp(lse)
+        for i in tl.static_range(SPLIT_UNROLL):
+            live = (s0 + i) < NSPLIT
+            lse = tl.load(lse_base + (s0 + i) * BLOCK_M + offs_m, mask=mask_m & live, other=float("-inf"))
+            part = tl.load(Mid_O + b * stride_ob + h * stride_mh + (s0 + i) * stride_ms
+                           + offs_m[:, None] * stride_mm + offs_dv[None, :],
+                           mask=(mask_m & live)[:, None] & mask_dv[None, :], other=0.0)
+            w = tl.exp(lse - safe)
+            acc += part * w[:, None]
+            e_sum += w
 
-    # the causal draft-draft block: draft n is key row b*L + n
-    q = tl.load(Q + (b * L + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
-    k = tl.load(K_Draft + (b * L + offs_m[None, :]) * stride_kt + kvh * stride_kh + offs_d[:, None],
-                mask=mask_m[None, :] & (offs_d[:, None] < D), other=0.0)
-    qk = _dot(q, k, DOT_F32) * sm_scale
+    # the causal draft-draft block: draft n is key row b*L + n; its scores need all of D, in BLOCK_D chunks
+    qk = tl.zeros([BLOCK_M, BLOCK_M], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(Q + (b * L + offs_m[:, None]) * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = tl.load(K_Draft + (b * L + offs_m[None, :]) * stride_kt + kvh * stride_kh + offs_d[:, None],
+                    mask=mask_m[None, :] & (offs_d[:, None] < D), other=0.0)
+        qk += _dot(q, k, DOT_F32)
     keep = mask_m[:, None] & mask_m[None, :] & (offs_m[None, :] <= offs_m[:, None])
     if W >= 0:
         keep &= (offs_m[:, None] - offs_m[None, :]) <= W
     v = tl.load(V_Draft + (b * L + offs_m[:, None]) * stride_vt + kvh * stride_vh + offs_dv[None, :],
                 mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-    acc, e_sum, e_max = _softmax_tile(qk, keep, v, 1.0, acc, e_sum, e_max, DOT_F32)
+    acc, e_sum, e_max = _softmax_tile(qk * sm_scale, keep, v, 1.0, acc, e_sum, e_max, DOT_F32)
     out = acc / tl.where(e_sum > 0, e_sum, 1.0)[:, None]
     tl.store(O + (b * L + offs_m[:, None]) * stride_ot + h * stride_oh + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
@@ -201,7 +213,8 @@ def num_splits(bs: int, num_programs: int, device: torch.device, whole_waves: bo
 
 
 def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[bool] = None,
-                  block_n: Optional[int] = None, num_warps: Optional[int] = None) -> dict:
+                  block_n: Optional[int] = None, num_warps: Optional[int] = None,
+                  merge_dv: Optional[int] = None) -> dict:
     """Tile sizes and program layout of a launch (also what test_verify_attention_aot compiles for sm_90)."""
     BLOCK_D, BLOCK_DV = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     G = Hq // Hkv
@@ -209,9 +222,15 @@ def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[
         # full layer, 8 q heads per kv head: grouped 102 us vs per-head 249 us at batch 16 on the H200)
         grouped = G > 1 and max(16, triton.next_power_of_2(L * G)) * BLOCK_DV <= 32 * 512
     GH = G if grouped else 1
+    warps = num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8)
+    merge_dv = min(BLOCK_DV, triton.next_power_of_2(merge_dv)) if merge_dv else min(BLOCK_DV, 64)
     return dict(BLOCK_M=max(16, triton.next_power_of_2(L)), BLOCK_R=max(16, triton.next_power_of_2(L * GH)), GH=GH,
                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_N=block_n or (32 if max(BLOCK_D, BLOCK_DV) <= 256 else 16),
-                warps=num_warps or (4 if max(BLOCK_D, BLOCK_DV) <= 256 else 8))
+                warps=warps,
+                # the merge: 64-wide output slices per program (more programs at small batches) with 4 warps;
+                # merge_dv (bench: one slice of the whole width, the layout before 2026-12-04) overrides
+                MERGE_D=min(BLOCK_D, 64), MERGE_DV=merge_dv, MERGE_WARPS=4 if merge_dv <= 64 else warps,
+                SPLIT_UNROLL=8 if merge_dv <= 128 else 2)
 
 
 def _check(name: str, t: torch.Tensor, dim: int) -> None:
@@ -226,7 +245,7 @@ def verify_attention_fwd(
     k_buffer: torch.Tensor, v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
     num_draft: int, sm_scale: float, sliding_window: int = -1, splits: Optional[int] = None,
     block_n: Optional[int] = None, num_warps: Optional[int] = None, grouped: Optional[bool] = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, merge_dv: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of ``num_draft`` chained draft queries per sequence over their prefix and each other; writes ``o``.
 
@@ -265,7 +284,7 @@ def verify_attention_fwd(
     if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
     W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
-    cfg = launch_config(L, Hq, Hkv, D, Dv, grouped, block_n, num_warps)
+    cfg = launch_config(L, Hq, Hkv, D, Dv, grouped, block_n, num_warps, merge_dv)
     GH, BLOCK_M = cfg["GH"], cfg["BLOCK_M"]
     S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device, cfg["BLOCK_DV"] > 256)
     if S < 1:
@@ -280,10 +299,12 @@ def verify_attention_fwd(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), HQ=Hq, GH=GH, LSE_M=BLOCK_M,
         BLOCK_N=cfg["BLOCK_N"], **dict(common, BLOCK_M=cfg["BLOCK_R"]))
-    _verify_merge_kernel[(bs, Hq)](
+    merge = dict(common, BLOCK_D=cfg["MERGE_D"], BLOCK_DV=cfg["MERGE_DV"], num_warps=cfg["MERGE_WARPS"],
+                 SPLIT_UNROLL=cfg["SPLIT_UNROLL"])
+    _verify_merge_kernel[(bs, Hq, triton.cdiv(Dv, cfg["MERGE_DV"]))](
         q, k_draft, v_draft, o, mid_o, mid_lse, float(sm_scale),
         q.stride(0), q.stride(1), k_draft.stride(0), k_draft.stride(1), v_draft.stride(0), v_draft.stride(1),
-        o.stride(0), o.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), **common)
+        o.stride(0), o.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_o.stride(3), **merge)
     return o
 
 
