@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|mtp-26b-verify|verify-splitkv|verify-splitkv-modes|verify-all|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|mtp-26b-verify|verify-splitkv|verify-splitkv-modes|verify-all|decode-attn|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -192,13 +192,15 @@ case "${1:-}" in
     $PY bench/verify_attention.py --out "$OUT/runs" --fp8 --splits "${VERIFY_SPLITS:-2,4,8,16,32}" --tiles "${VERIFY_TILES:-16x4,32x8,64x8}" $([ "${VERIFY_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/verify-bench.txt" ;;
   verify-splitkv-modes) # issue #19: lossless FROZEN_KV_MTP modes (spec greedy == plain, leak checks) with the kernel on
     modes_with SGLANG_GEMMA4_VERIFY_SPLITKV=1 "split-KV target-verify attention" verify-modes.txt ;;
-  verify-all) # issue #19, one call: verify-splitkv (kernel tests + bench, <= 270 s), then verify-splitkv-modes in
-    # what is left of PART_BUDGET_S (555)
+  decode-attn) # issues #19/#20: plain decode attention, SGLang's triton kernel at split caps 8/16/32/64 vs ours at L=1
+    $PY bench/decode_attention.py --out "$OUT/runs" $([ "${DECODE_BENCH:-quick}" = full ] || echo --quick) 2>&1 | tee "$OUT/decode-attn.txt" ;;
+  verify-all) # issues #19/#20, one call: verify-splitkv (kernel tests + bench, <= 270 s), then decode-attn in what
+    # is left of PART_BUDGET_S (555); the lossless modes (verify_splitkv is on by default) are part "modes"
     t0=$(date +%s)
     timeout -k 5 270 bash "$0" verify-splitkv
     left=$(( ${PART_BUDGET_S:-555} - ($(date +%s) - t0) ))
-    echo "== verify-splitkv-modes (${left}s left)"
-    [ "$left" -gt 60 ] && timeout -k 5 "$left" bash "$0" verify-splitkv-modes ;;
+    echo "== decode-attn (${left}s left)"
+    [ "$left" -gt 30 ] && timeout -k 5 "$left" bash "$0" decode-attn ;;
   mtp-26b-verify) # issue #19 on 26B-A4B: FROZEN_KV_MTP V2=1 with the split-KV verify kernel vs without, side by side
     # (equal static budgets), then each one's step traced; ratios vs SGLang's verify
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"
