@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validations, one name each. Each part fits one <=10-minute device call; results land under $OUT.
 # Recorded results (which part produced which file, earlier runs): runs/README.md.
-#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|mtp-26b-verify|verify-splitkv|verify-splitkv-modes|verify-all|decode-attn|prof-26b|e4b-all|fusion-ab
+#   scripts/gpu_backlog.sh swa|window|suite|demo|repro|yoco|modes|mm|fused|kernels|bench-kernels|bench-tune|bench-e2e|bench-spec|bench-enc|bench-layer|sanitizer|serving|serve-e4b|serve-e4b-yoco|serve-small|serve-e2b|serve-26b|serve-26b-swa|mtp-e4b|mtp-e4b-v2|mtp-nosync|nosync-modes|mtp-26b|mtp-26b-v2|mtp-26b-verify|verify-splitkv|verify-splitkv-modes|verify-all|decode-attn|decode-splits-ab|prof-26b|e4b-all|fusion-ab
 #   scripts/gpu_backlog.sh lanes "repro demo suite" "yoco modes" ...   test parts only: each quoted lane runs its
 #     parts in order, lanes run at the same time (engines at GPU_ENGINE_MEM_FRACTION=0.08), all stop by
 #     LANES_DEADLINE_S (540) so $OUT/lanes.tgz (every output + engine log) is written inside a 600 s call.
@@ -149,6 +149,12 @@ case "${1:-}" in
       --deadline-s "${SERVE_DEADLINE_S:-420}" --extra-server-args "--max-running-requests 24 ${SERVE_EXTRA:-}" \
       --workloads "${SERVE_WORKLOADS:-chat_c1,ctx8k_c1}" --profile "on:ctx8k_c1@3,$F:ctx8k_c1@3" --profiles-first \
       --out "$OUT/fusion-ab" 2>&1 | tee "$OUT/fusion-ab.txt" ;;
+  decode-splits-ab) # issue #20: decode_kv_splits (triton decode split cap, default off) A/B on full-depth 26B-A4B,
+    # equal 62 GiB static budgets, c1 at 1k / 8k and c8; SPLITS_CAP sets the cap (default the patch's 32)
+    A="SGLANG_GEMMA4_DECODE_KV_SPLITS=1"; [ -n "${SPLITS_CAP:-}" ] && A="$A+SGLANG_GEMMA4_DECODE_KV_SPLITS_CAP=$SPLITS_CAP"
+    $PY bench/serve.py --model 26b --arms "on,$A" --base on --static-gib "${SERVE_STATIC_GIB:-62}" --repeat 3 \
+      --deadline-s "${SERVE_DEADLINE_S:-420}" --extra-server-args "${SERVE_EXTRA:-}" \
+      --workloads "${SERVE_WORKLOADS:-chat_c1,ctx8k_c1,chat_c8}" --out "$OUT/decode-splits-ab" 2>&1 | tee "$OUT/decode-splits-ab.txt" ;;
   mtp-e4b-v2) # issue #19: overlap (V2=1) vs synchronous (V2=0) FROZEN_KV_MTP at full E4B size, the two spec servers
     # only (fits a short call); ratios V2=1 / V2=0
     V1="spec+SGLANG_FROZEN_KV_MTP_V2=1"; V0="spec+SGLANG_FROZEN_KV_MTP_V2=0"

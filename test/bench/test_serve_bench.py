@@ -291,6 +291,7 @@ def test_bench_serving_imports_without_hf_datasets():
     ("prof-26b", {}), ("e4b-all", {}), ("mtp-e4b-v2", {"SERVE_EXTRA": "--cuda-graph-backend-prefill disabled"}),
     ("serve-26b-swa", {}), ("mtp-26b", {"MTP_V2": "0"}), ("serve-e4b-yoco", {}), ("serve-e2b", {}), ("mtp-e4b", {}),
     ("e4b-all", {"SERVE_WORKLOADS": "ttft_c16,chat_c8", "SERVE_PROFILE": ""}), ("mtp-26b-v2", {}), ("mtp-26b-verify", {}),
+    ("decode-splits-ab", {}), ("decode-splits-ab", {"SPLITS_CAP": "16"}),
 ])
 def test_gpu_backlog_bench_parts_parse_on_cpu(tmp_path, part, env):
     """Every serve.py call a device part makes parses (arms, --only, --profile items, workloads)
