@@ -12,7 +12,8 @@ binds, so each program walks 1/8 of the keys. This bench answers two questions s
   step); ``sglang_S8`` is what a server runs today;
 - ``ours_l1``: :func:`sglang_gemma4.kernels.verify_attention.verify_attention_fwd` with one draft (the current
   token's K/V as the "draft", the rest of the window as the prefix: the same attention).
-Sliding layers attend 1024 keys (the plugin's ``triton_swa_window``), full layers the whole context. Timing as in
+Widths: the target layers of 26B-A4B / E4B and the 26B assistant's (8 q heads over the target's KV). Sliding
+layers attend 1024 keys (the plugin's ``triton_swa_window``), full layers the whole context. Timing as in
 bench/verify_attention.py (calls captured back to back in a CUDA graph). Writes decode-attention-<gpu>.{json,md,png}.
 Without a CUDA GPU it prints one line and exits 0.
 """
@@ -31,7 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_gemma4.cli import versions  # noqa: E402
 from sglang_gemma4.kernels.verify_attention import _sm_count, verify_attention_fwd  # noqa: E402
-from verify_attention import WIDTHS, time_us  # noqa: E402  (same widths and timer as the verify bench)
+from verify_attention import WIDTHS as TARGET_WIDTHS, time_us  # noqa: E402  (the verify bench's widths and timer)
+
+# + the 26B FROZEN_KV_MTP assistant (8 q heads) reading the target's KV: 1 q head per kv head on sliding layers,
+# which SGLang serves with its non-grouped kernel (`_fwd_kernel_stage1`, 29 us per call in
+# runs/mtp-26b-verify-nvidia-h200.md)
+WIDTHS = dict(TARGET_WIDTHS, **{"26b_draft_sliding": (8, 8, 256, 1023), "26b_draft_full": (8, 2, 512, -1)})
 
 CONTEXTS = (1000, 8000)
 SLIDING_KEYS = 1024
