@@ -201,6 +201,30 @@ def test_ragged_or_tensor_lengths_fall_back():
     assert vsk.verify_fwd(*args, L, 1.0, 1.0) is True
 
 
+def test_a_failing_launch_falls_back_to_sglangs_kernel_for_good(monkeypatch, caplog):
+    """A kernel that raises (say, a compile failure on an untested GPU) must not stop the server: False (SGLang's
+    kernel writes o), logged with the traceback, and every later call keeps SGLang's kernel."""
+    import logging
+
+    k_buf, v_buf, md, out_loc, (q, k, v) = _case([9, 4], -1)
+    args = (q, k, v, torch.empty_like(q), k_buf, v_buf, md.qo_indptr, md.kv_indptr, md.kv_indices, md.custom_mask,
+            True, md.mask_indptr, L, 1.0, 1.0)
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(vsk, "_failed", [False])
+    monkeypatch.setattr("sglang_gemma4.kernels.verify_attention.verify_attention_fwd", broken)
+    with caplog.at_level(logging.ERROR, logger=vsk.logger.name):
+        assert vsk.verify_fwd(*args) is False
+        assert vsk.verify_fwd(*args) is False
+    assert calls == [1]  # not retried per layer
+    assert any("SGLang's target-verify kernel serves from now on" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+
+
 def test_registered_through_sglangs_hook_registry(monkeypatch):
     """Through HookRegistry: an AFTER hook on __init__ (a stand-in for SGLang's, which needs a GPU runner)."""
 

@@ -44,6 +44,7 @@ INIT = f"{_TRITON}.TritonAttnBackend.__init__"
 FIRED = "split-KV target-verify attention (sglang-gemma4) running"
 
 _announced = [False]
+_failed = [False]  # set by a launch that raised: every later verify keeps SGLang's kernel
 _told: set = set()
 
 
@@ -123,13 +124,20 @@ def verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_in
         return False
     if k_extend.dim() != 3 or k_buffer.shape[1:] != k_extend.shape[1:] or v_buffer.shape[1:] != v_extend.shape[1:]:
         return False
+    if _failed[0]:
+        return False
+    scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
+    window = sliding_window_size if sliding_window_size is not None and sliding_window_size > 0 else -1
+    try:
+        verify_attention_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
+                             L, scale, window, k_scale=ks, v_scale=vs)
+    except Exception:  # e.g. a compile failure on a GPU/shape not tested: SGLang's kernel serves, the server stays up
+        _failed[0] = True
+        logger.exception("verify_splitkv: the split-KV kernel failed; SGLang's target-verify kernel serves from now on")
+        return False
     if not _announced[0]:  # once per process: the engine log shows the kernel ran
         _announced[0] = True
         logger.info("%s: %d drafts, window %s", FIRED, L, sliding_window_size)
-    scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
-    window = sliding_window_size if sliding_window_size is not None and sliding_window_size > 0 else -1
-    verify_attention_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
-                         L, scale, window, k_scale=ks, v_scale=vs)
     return True
 
 
