@@ -11,8 +11,10 @@ What: an AFTER hook on ``TritonAttnBackend.__init__`` raises the backend's ``max
 ``SGLANG_GEMMA4_DECODE_KV_SPLITS_CAP`` (default 32) for Gemma-4 model runners when the user left
 ``--triton-attention-num-kv-splits`` at SGLang's default. (0.5.17's model-override registry refuses this field:
 it is not "resolvable", and a declaration of it stops ServerArgs.) The decode scratch buffers are sized from
-``max_kv_splits`` after ``__init__``, so they follow. Cost: that scratch (``attn_logits``, batch x q heads x cap x
-head dim, fp32) grows with the cap: 64 MiB at 32 for 26B-A4B's CUDA-graph batch 64 on the 512-wide layers.
+``max_kv_splits`` after ``__init__``, so they follow. Cost: that scratch (``attn_logits``: CUDA-graph tokens x q heads x
+cap x head dim, fp32, one for the 512-wide and one for the 256-wide layers) grows linearly with the cap: for
+26B-A4B at cap 32, ~100 MB for 64 graph tokens (plain decode), ~300 MB for FROZEN_KV_MTP's 48 x 4 verify tokens
+(4x SGLang's 8).
 Left alone: deterministic mode (its own split tiles), MLA, ``SGLANG_TRITON_DECODE_ATTN_STATIC_KV_SPLITS`` (every
 sequence would take the cap), a user-set cap.
 
