@@ -19,8 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 @pytest.fixture(scope="module")
 def bench():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by test/conftest.py)")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors through Triton; on a GPU the bench itself runs
+        pytest.skip("CPU test of the bench: needs the Triton interpreter (set by test/conftest.py without a GPU)")
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
     sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_decode_attention", ROOT / "bench" / "decode_attention.py")
