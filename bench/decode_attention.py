@@ -21,7 +21,6 @@ Without a CUDA GPU it prints one line and exits 0.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -30,9 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_gemma4.cli import versions  # noqa: E402
 from sglang_gemma4.kernels.verify_attention import _sm_count, verify_attention_fwd  # noqa: E402
-from verify_attention import WIDTHS as TARGET_WIDTHS, time_us  # noqa: E402  (the verify bench's widths and timer)
+from verify_attention import WIDTHS as TARGET_WIDTHS, record, time_us  # noqa: E402  (the verify bench's widths, timer, writer)
 
 # + the 26B FROZEN_KV_MTP assistant (8 q heads) reading the target's KV: 1 q head per kv head on sliding layers,
 # which SGLang serves with its non-grouped kernel (`_fwd_kernel_stage1`, 29 us per call in
@@ -163,11 +161,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del t
-    v = versions()
-    doc = {"date": datetime.date.today().isoformat(), "versions": v, "caps": caps, "rows": rows}
-    stem = a.out / f"decode-attention-{(v.get('gpu') or 'gpu').lower().replace(' ', '-')}"
-    write_report(doc, stem)
-    print(f"wrote {stem}.json/.md")
+    record(a.out, "decode-attention", {"caps": caps}, rows, write_report)
     return 0
 
 

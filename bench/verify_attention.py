@@ -118,6 +118,16 @@ def time_us(fn, quick):
     return round(statistics.median(times[1:]), 2)
 
 
+def record(out: Path, name: str, extra: dict, rows: list, writer) -> Path:
+    """The run's document (date, versions, ``extra``, rows) through ``writer`` to ``out/<name>-<gpu>``."""
+    v = versions()
+    doc = {"date": datetime.date.today().isoformat(), "versions": v, **extra, "rows": rows}
+    stem = out / f"{name}-{(v.get('gpu') or 'gpu').lower().replace(' ', '-')}"
+    writer(doc, stem)
+    print(f"wrote {stem}.json/.md")
+    return stem
+
+
 def write_report(doc, stem: Path) -> None:
     """json, md (and png with matplotlib) from the measured rows."""
     rows, v = doc["rows"], doc["versions"]
@@ -218,11 +228,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del t
-    v = versions()
-    doc = {"date": datetime.date.today().isoformat(), "versions": v, "drafts": L, "rows": rows}
-    stem = a.out / f"verify-attention-{(v.get('gpu') or 'gpu').lower().replace(' ', '-')}"
-    write_report(doc, stem)
-    print(f"wrote {stem}.json/.md")
+    record(a.out, "verify-attention", {"drafts": L}, rows, write_report)
     return 0
 
 

@@ -4,7 +4,6 @@ tiny widths with a stub timer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -13,20 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_testutil import load_interpreted_bench  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors through Triton; on a GPU the bench itself runs
-        pytest.skip("CPU test of the bench: needs the Triton interpreter (set by test/conftest.py without a GPU)")
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_decode_attention", ROOT / "bench" / "decode_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_interpreted_bench("decode_attention")
 
 
 def _reference(t, scale):
@@ -67,7 +63,8 @@ def test_main_end_to_end_with_a_stub_timer(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SLIDING_KEYS", 6)
     times = iter(range(1, 1000))
     monkeypatch.setattr(bench, "time_us", lambda fn, quick: float(next(times)))
-    monkeypatch.setattr(bench, "versions", lambda: {"gpu": "Test GPU", "sglang": "x"})
+    # the report writer is the verify bench's (imported by name)
+    monkeypatch.setattr(sys.modules["verify_attention"], "versions", lambda: {"gpu": "Test GPU", "sglang": "x"})
     assert bench.main(["--out", str(tmp_path), "--quick", "--caps", "8,2"]) == 0
     doc = json.loads((tmp_path / "decode-attention-test-gpu.json").read_text())
     # sliding: one context (same 6 keys at any longer one), full: both; batches 1 and 16

@@ -3,26 +3,22 @@ run compares like with like), and its report is written from synthetic rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
+import sys
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_testutil import load_interpreted_bench  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors through Triton; on a GPU the bench itself runs
-        pytest.skip("CPU test of the bench: needs the Triton interpreter (set by test/conftest.py without a GPU)")
-    spec = importlib.util.spec_from_file_location("bench_verify_attention", ROOT / "bench" / "verify_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_interpreted_bench("verify_attention")
 
 
 @pytest.mark.parametrize("window", [-1, 5])

@@ -31,11 +31,10 @@ On by default since 2026-12-04 (H200): lossless in both FROZEN_KV_MTP modes, cle
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Optional
 
-from sglang_gemma4.registry import Patch
+from sglang_gemma4.registry import Patch, source_of
 
 logger = logging.getLogger("sglang_gemma4")
 
@@ -154,7 +153,7 @@ class VerifySplitKV(Patch):
     def unavailable(self) -> Optional[str]:
         from sglang.srt.layers.attention import triton_backend as tb
 
-        src = inspect.getsource(tb.TritonAttnBackend.forward_extend)
+        src = source_of(tb.TritonAttnBackend.forward_extend)
         for needle in ("self.use_verify_splitkv", "self.verify_splitkv_fwd(", "is_target_verify()"):
             if needle not in src:
                 return f"TritonAttnBackend.forward_extend no longer has {needle!r} (the verify dispatch this patch feeds)"
@@ -167,8 +166,8 @@ class VerifySplitKV(Patch):
             from sglang.kernels.ops.attention import verify_splitkv as vs
         except ImportError:
             return None
-        init = inspect.getsource(tb.TritonAttnBackend.__init__)
-        handle = inspect.getsource(vs.can_handle)
+        init = source_of(tb.TritonAttnBackend.__init__)  # unwrapped: our own AFTER hooks sit on it
+        handle = source_of(vs.can_handle)
         if "is_gfx95_supported()" not in init and "sliding_window_size > 0" not in handle:
             return "SGLang's own split-KV verify runs on CUDA and takes sliding-window layers"
         return None
