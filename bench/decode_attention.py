@@ -10,6 +10,9 @@ binds, so each program walks 1/8 of the keys. This bench answers two questions s
 - ``sglang_S<cap>``: SGLang 0.5.17's ``decode_attention_fwd`` with the split counts its backend would compute at
   that cap (``get_num_kv_splits_triton`` over the real sequence lengths, as ``TritonAttnBackend`` does once per
   step); ``sglang_S8`` is what a server runs today;
+- ``plugin``: the same kernel with the split counts patch ``decode_kv_splits`` gives it (its AROUND hook over
+  SGLang's own ``get_num_kv_splits`` on a backend raised to the patch's cap; the grid is that cap wide, as in a
+  server);
 - ``ours_l1``: :func:`sglang_gemma4.kernels.verify_attention.verify_attention_fwd` with one draft (the current
   token's K/V as the "draft", the rest of the window as the prefix: the same attention).
 Widths: the target layers of 26B-A4B / E4B and the 26B assistant's (8 q heads over the target's KV). Sliding
@@ -61,16 +64,39 @@ def case(Hq, Hkv, D, window, bs, ctx, dev=None, dtype=None, seed=0):
                 k_cur=kb[cur].contiguous(), v_cur=vb[cur].contiguous(), o=torch.empty(bs, Hq, D, device=dev, dtype=dtype))
 
 
-def sglang_call(t, cap, sm_scale):
-    """SGLang's decode kernel with the split counts its backend computes at this cap (once, outside the timing)."""
+def plugin_splits(t, cap=None, default=8):
+    """The split counts patch decode_kv_splits makes SGLang's backend compute: its AROUND hook over SGLang's own
+    ``TritonAttnBackend.get_num_kv_splits``, on a backend stand-in carrying the attributes that method reads."""
+    import types
+
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    from sglang_gemma4.patches import decode_kv_splits as dks
+
+    bs, Hq, _ = t["q"].shape
+    cap = cap or dks.split_cap()
+    b = types.SimpleNamespace(static_kv_splits=False, device_core_count=_sm_count(t["q"].device),
+                              enable_deterministic=False, split_tile_size=None, max_kv_splits=cap, num_head=Hq,
+                              num_kv_head=t["kb"].shape[1], **{dks.MARK: default})
+    splits = torch.empty(bs, dtype=torch.int32, device=t["q"].device)
+    dks.around_get_num_kv_splits(TritonAttnBackend.get_num_kv_splits, b, splits, t["seq_lens"])
+    return splits, cap
+
+
+def sglang_call(t, cap, sm_scale, policy=False):
+    """SGLang's decode kernel with the split counts its backend computes at this cap (once, outside the timing);
+    ``policy``: the counts patch decode_kv_splits gives it instead, ``cap`` then the patch's raised cap."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
 
     bs, Hq, D = t["q"].shape
     Hkv = t["kb"].shape[1]
     dev = t["q"].device
-    splits = torch.empty(bs, dtype=torch.int32, device=dev)
-    get_num_kv_splits_triton[(1,)](splits, t["seq_lens"], bs, 1, Hq, Hkv, cap, _sm_count(dev), MAX_NUM_SEQ=256)
+    if policy:
+        splits, cap = plugin_splits(t, cap)
+    else:
+        splits = torch.empty(bs, dtype=torch.int32, device=dev)
+        get_num_kv_splits_triton[(1,)](splits, t["seq_lens"], bs, 1, Hq, Hkv, cap, _sm_count(dev), MAX_NUM_SEQ=256)
     logits = torch.empty(bs, Hq, cap, D, dtype=torch.float32, device=dev)
     lse = torch.empty(bs, Hq, cap, dtype=torch.float32, device=dev)
 
@@ -93,13 +119,15 @@ def write_report(doc, stem: Path) -> None:
           f"Date {doc['date']}; SGLang {v.get('sglang')}, torch {v.get('torch')}, triton {v.get('triton')}. bf16, "
           f"CUDA-graph timed (us per call). Sliding layers attend {SLIDING_KEYS} keys. `S<cap>`: "
           "`--triton-attention-num-kv-splits` (server default 8); the split count SGLang computed is in brackets.", "",
-          "| width | bs | keys | " + " | ".join(f"SGLang S{c} (us)" for c in caps) + " | ours L=1 (us) "
-          "| default / best SGLang cap | default / ours | max abs diff |",
-          "|---|---|---|" + "---|" * (len(caps) + 4)]
+          "| width | bs | keys | " + " | ".join(f"SGLang S{c} (us)" for c in caps) + " | decode_kv_splits (us) "
+          "| ours L=1 (us) | default / best SGLang cap | default / decode_kv_splits | default / ours | max abs diff |",
+          "|---|---|---|" + "---|" * (len(caps) + 6)]
     for r in rows:
         cells = [f"{r[f'sglang_S{c}']['us']} [{r[f'sglang_S{c}']['splits']}]" for c in caps]
+        cells.append(f"{r['plugin']['us']} [{r['plugin']['splits']}]")
         md.append(f"| {r['width']} | {r['bs']} | {r['keys']} | " + " | ".join(cells) + f" | {r['ours_l1']['us']} | "
-                  f"{r['default_over_best_cap']} | {r['default_over_ours']} | {r['max_abs_diff']} |")
+                  f"{r['default_over_best_cap']} | {r['default_over_plugin']} | {r['default_over_ours']} | "
+                  f"{r['max_abs_diff']} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
@@ -109,8 +137,9 @@ def write_report(doc, stem: Path) -> None:
 
         fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.45), 4))
         x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["default_over_best_cap"] for r in rows], 0.4, label="S8 / best cap")
-        ax.bar([i + 0.2 for i in x], [r["default_over_ours"] for r in rows], 0.4, label="S8 / ours L=1")
+        ax.bar([i - 0.27 for i in x], [r["default_over_best_cap"] for r in rows], 0.27, label="S8 / best cap")
+        ax.bar([i for i in x], [r["default_over_plugin"] for r in rows], 0.27, label="S8 / decode_kv_splits")
+        ax.bar([i + 0.27 for i in x], [r["default_over_ours"] for r in rows], 0.27, label="S8 / ours L=1")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(x), [f"{r['width']}\nbs{r['bs']} k{r['keys']}" for r in rows], fontsize=6, rotation=90)
         ax.set_ylabel("speed-up over SGLang's default")
@@ -150,6 +179,10 @@ def main(argv=None) -> int:
                     fn()
                     outs[c] = t["o"].float().clone()
                     row[f"sglang_S{c}"] = {"us": time_us(fn, a.quick), "splits": int(splits.max())}
+                fn, splits = sglang_call(t, None, scale, policy=True)
+                fn()
+                outs["plugin"] = t["o"].float().clone()
+                row["plugin"] = {"us": time_us(fn, a.quick), "splits": int(splits.max())}
                 fn = ours_call(t, scale, window)
                 fn()
                 mine = t["o"].float().clone()
@@ -158,6 +191,7 @@ def main(argv=None) -> int:
                 base = row[f"sglang_S{caps[0]}"]["us"]
                 row["default_over_best_cap"] = round(base / min(row[f"sglang_S{c}"]["us"] for c in caps), 3)
                 row["default_over_ours"] = round(base / row["ours_l1"]["us"], 3)
+                row["default_over_plugin"] = round(base / row["plugin"]["us"], 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del t

@@ -50,6 +50,12 @@ def test_sglang_and_ours_compute_the_same_decode_attention(bench, monkeypatch, H
         fn()
         assert 1 <= int(splits.max()) <= cap
         torch.testing.assert_close(t["o"], expect, rtol=1e-4, atol=1e-4)
+    for cap in (4, 32):  # decode_kv_splits' counts, the grid as wide as its cap
+        t["o"].fill_(float("nan"))
+        fn, splits = bench.sglang_call(t, cap, scale, policy=True)
+        fn()
+        assert 1 <= int(splits.min()) and int(splits.max()) <= cap
+        torch.testing.assert_close(t["o"], expect, rtol=1e-4, atol=1e-4)
     t["o"].fill_(float("nan"))
     bench.ours_call(t, scale, window)()
     torch.testing.assert_close(t["o"], expect, rtol=1e-4, atol=1e-4)
@@ -71,12 +77,13 @@ def test_main_end_to_end_with_a_stub_timer(bench, tmp_path, monkeypatch):
     assert [(r["width"], r["keys"], r["bs"]) for r in doc["rows"]] == [
         ("tiny_sliding", 6, 1), ("tiny_sliding", 6, 16), ("tiny_full", 9, 1), ("tiny_full", 9, 16),
         ("tiny_full", 20, 1), ("tiny_full", 20, 16)]
-    r = doc["rows"][0]  # stub times 1, 2, 3 for S8, S2, ours
-    assert r["sglang_S8"]["us"] == 1.0 and r["sglang_S2"]["us"] == 2.0 and r["ours_l1"]["us"] == 3.0
-    assert r["default_over_best_cap"] == 1.0 and r["default_over_ours"] == round(1 / 3, 3)
+    r = doc["rows"][0]  # stub times 1, 2, 3, 4 for S8, S2, decode_kv_splits, ours
+    assert r["sglang_S8"]["us"] == 1.0 and r["sglang_S2"]["us"] == 2.0 and r["plugin"]["us"] == 3.0
+    assert r["ours_l1"]["us"] == 4.0 and r["default_over_plugin"] == round(1 / 3, 3)
+    assert r["default_over_best_cap"] == 1.0 and r["default_over_ours"] == round(1 / 4, 3)
     assert all(r["max_abs_diff"] < 1e-4 for r in doc["rows"])  # every cap and ours: the same attention
     md = (tmp_path / "decode-attention-test-gpu.md").read_text()
-    assert "| SGLang S8 (us) | SGLang S2 (us) | ours L=1 (us) |" in md and "| tiny_full | 16 | 20 | " in md
+    assert "| SGLang S8 (us) | SGLang S2 (us) | decode_kv_splits (us) | ours L=1 (us) |" in md and "| tiny_full | 16 | 20 | " in md
     with pytest.raises(SystemExit, match="positive"):
         bench.main(["--out", str(tmp_path), "--caps", "0"])
 

@@ -29,26 +29,111 @@ def _backend(runner, **over):
     return b
 
 
-def _splits(b, seq_lens):
-    out = torch.empty(len(seq_lens), dtype=torch.int32)
+def _splits(b, seq_lens, group=1):
+    out = torch.empty(len(seq_lens) * group, dtype=torch.int32)
     b.get_num_kv_splits(out, torch.tensor(seq_lens, dtype=torch.int32))
     return out.tolist()
 
 
-def test_small_batches_get_the_higher_cap_large_ones_are_unchanged(monkeypatch):
-    monkeypatch.delenv(dks.CAP_ENV, raising=False)
+def _raised(monkeypatch, cap=None, **over):
+    """A backend after the patch's __init__ hook, its get_num_kv_splits through the patch's AROUND hook."""
+    if cap is None:
+        monkeypatch.delenv(dks.CAP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dks.CAP_ENV, str(cap))
     r = _runner()
-    off, on = _backend(r), _backend(r)
-    dks.after_init(None, on, r)
-    assert off.max_kv_splits == 8 and on.max_kv_splits == dks.DEFAULT_CAP
-    assert _splits(off, [1000]) == [8] and _splits(on, [1000]) == [32]  # batch 1: SGLang's cap binds
-    assert _splits(off, [8000] * 2) == [8, 8] and _splits(on, [8000] * 2) == [32, 32]
-    big = [1000] * 48  # SGLang's formula wants fewer splits than either cap
-    assert _splits(on, big) == _splits(off, big) and max(_splits(off, big)) < 8
-    monkeypatch.setenv(dks.CAP_ENV, "16")
-    b = _backend(r)
+    b = _backend(r, **over)
     dks.after_init(None, b, r)
-    assert b.max_kv_splits == 16 and _splits(b, [1000]) == [16]
+    original = tb.TritonAttnBackend.get_num_kv_splits
+    b.get_num_kv_splits = lambda n, s: dks.around_get_num_kv_splits(original, b, n, s)
+    return b
+
+
+# (q heads, kv heads): 26B sliding target layers, 26B/E4B full layers, the 26B assistant on sliding layers
+WIDTHS = {"26b_sliding": (16, 8), "full": (16, 2), "26b_draft_sliding": (8, 8)}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_batch_one_takes_the_split_count_the_h200_bench_measured_best(monkeypatch, width):
+    """runs/decode-attention-nvidia-h200.md, batch 1: 16 splits best at 1k keys (32 slower), 32-64 at 8k; SGLang's
+    own count at its cap of 8 binds."""
+    hq, hkv = WIDTHS[width]
+    off, on = _backend(_runner(), num_head=hq, num_kv_head=hkv), _raised(monkeypatch, num_head=hq, num_kv_head=hkv)
+    assert on.max_kv_splits == dks.DEFAULT_CAP and off.max_kv_splits == 8
+    assert _splits(off, [1000]) == [8] and _splits(on, [1000]) == [16]
+    if width == "full":  # sliding layers attend at most 1024 keys
+        assert _splits(on, [8000]) == [32] and _splits(off, [8000]) == [8]
+    assert on.max_kv_splits == dks.DEFAULT_CAP  # restored after each call: the buffers' size and the kernels' grid
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("bs,keys", [(16, 1000), (16, 8000), (48, 1000), (64, 3000)])
+def test_batches_that_fill_the_gpu_get_sglangs_own_split_counts(monkeypatch, width, bs, keys):
+    """At batch 16 SGLang's formula under a raised cap picks 17-29 splits, 11-15 % slower on the full layers than its
+    default 8: the patched backend must compute exactly what unpatched SGLang computes."""
+    hq, hkv = WIDTHS[width]
+    lens = [keys - 7 * i for i in range(bs)]
+    off, on = _backend(_runner(), num_head=hq, num_kv_head=hkv), _raised(monkeypatch, num_head=hq, num_kv_head=hkv)
+    if dks.token_grid(bs, 1, hq, hkv) * 8 < 132:  # draft sliding heads are 8 programs per sequence: bs 16 fills
+        pytest.skip("this width does not fill the H200 at this batch")
+    assert _splits(on, lens) == _splits(off, lens)
+
+
+def test_mid_batches_stay_within_the_cap_and_64_keys_per_split(monkeypatch):
+    on = _raised(monkeypatch, num_head=16, num_kv_head=2)
+    off = _backend(_runner(), num_head=16, num_kv_head=2)
+    for bs in range(1, 17):
+        lens = [100 + 613 * i for i in range(bs)]
+        got = _splits(on, lens)
+        assert all(1 <= n <= dks.DEFAULT_CAP for n in got)
+        assert all(n <= -(-k // 64) for n, k in zip(got, lens))
+        assert all(n >= min(m, -(-k // 64)) for n, m, k in zip(got, _splits(off, lens), lens))  # never below SGLang's
+    assert _splits(on, [1, 3, 64, 65]) == [1, 1, 1, 2]
+
+
+def test_speculative_groups_map_each_token_to_its_sequence(monkeypatch):
+    """num_kv_splits holds num_seq x group entries, sequence-major (SGLang's store layout)."""
+    on = _raised(monkeypatch, num_head=16, num_kv_head=2)
+    off = _backend(_runner(), num_head=16, num_kv_head=2)
+    # 2 sequences x 2 drafts x 2 head blocks = 8 programs per split -> cap 17; SGLang's formula then gives the
+    # 600-key sequence 17 splits and the 300-key one 9, which the 64-key floor cuts to 10 and 5
+    assert _splits(on, [300, 600], group=2) == [5, 5, 10, 10]
+    assert _splits(off, [300, 600], group=2) == [4, 4, 8, 8]
+
+
+def test_user_cap_and_cap_knob(monkeypatch):
+    b = _raised(monkeypatch, cap=12, num_head=16, num_kv_head=2)
+    assert b.max_kv_splits == 12 and _splits(b, [8000]) == [12]
+    b = _raised(monkeypatch, cap=4, num_head=16, num_kv_head=2)  # below SGLang's default: the cap still rules
+    assert b.max_kv_splits == 4 and _splits(b, [8000]) == [4]
+
+
+def test_no_sm_count_gives_sglang_its_default(monkeypatch):
+    """device_core_count 0: SGLang fills every sequence with max_kv_splits, which must be its default, not ours."""
+    on = _raised(monkeypatch, device_core_count=0)
+    off = _backend(_runner(), device_core_count=0)
+    assert _splits(on, [8000, 20]) == _splits(off, [8000, 20]) == [8, 8]
+
+
+def test_a_backend_the_patch_did_not_raise_is_sglangs(monkeypatch):
+    b = _backend(_runner(user_cap=12), num_head=16, num_kv_head=2)
+    dks.after_init(None, b, _runner(user_cap=12))
+    original = tb.TritonAttnBackend.get_num_kv_splits
+    out = torch.empty(1, dtype=torch.int32)
+    dks.around_get_num_kv_splits(original, b, out, torch.tensor([8000], dtype=torch.int32))
+    assert out.tolist() == [12]
+
+
+def test_cap_restored_when_sglang_raises(monkeypatch):
+    b = _raised(monkeypatch)
+
+    def boom(self, n, s):
+        assert self.max_kv_splits == 17  # one wave of the 8-program-per-split sliding grid: what SGLang runs under
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        dks.around_get_num_kv_splits(boom, b, torch.empty(1, dtype=torch.int32), torch.tensor([10]))
+    assert b.max_kv_splits == dks.DEFAULT_CAP
 
 
 @pytest.mark.parametrize("runner,over", [
@@ -81,7 +166,9 @@ def test_registered_through_sglangs_hook_registry(monkeypatch):
     monkeypatch.delenv(dks.CAP_ENV, raising=False)
     with patch_applied(dks.PATCH, {dks.PATCH.knob: "1"}) as st:
         assert st.state == registry.ACTIVE
-        assert tb.TritonAttnBackend(_runner()).max_kv_splits == dks.DEFAULT_CAP
+        b = tb.TritonAttnBackend(_runner())
+        assert b.max_kv_splits == dks.DEFAULT_CAP
+        assert _splits(b, [1000]) == [16] and _splits(b, [1000] * 48) == _splits(_backend(_runner()), [1000] * 48)
         assert tb.TritonAttnBackend(_runner("Qwen3ForCausalLM")).max_kv_splits == 8
     assert tb.TritonAttnBackend(_runner()).max_kv_splits == 8  # hooks removed again
     with patch_applied(dks.PATCH, {}) as st:

@@ -1,40 +1,54 @@
-"""Split cap of SGLang's triton decode attention for Gemma-4 (``--triton-attention-num-kv-splits``).
+"""Split count of SGLang's triton decode attention for Gemma-4, sized to the batch (``--triton-attention-num-kv-splits``).
 
 Why: SGLang sizes a decode step's split count with ``get_num_kv_splits_triton`` and caps it at
 ``triton_attention_num_kv_splits`` (default 8). At small batches the cap binds: on the full-depth 26B-A4B at
 batch 1 each program walks 1/8 of the keys, ~28 us per layer at 1k keys where reading them takes ~2 us, and
-decode attention is 18-31 % of the step (runs/decode-profile-26b-nvidia-h200.md). At larger batches SGLang's own
-formula picks fewer splits than the cap, so a higher cap changes nothing there. The FROZEN_KV_MTP draft's
-attention over the target's KV takes the same path.
+decode attention is 18-31 % of the step (runs/decode-profile-26b-nvidia-h200.md). The FROZEN_KV_MTP draft's
+attention over the target's KV takes the same path. A plain higher cap is not the answer: SGLang's formula
+oversubscribes the GPU (``SMs x log2(keys / 64)`` programs) and at batch 16 picks 17-29 splits, 11-15 % slower
+than 8 on the full layers; at batch 1 and 1k keys 32 splits (31 keys each) lose to 16
+(runs/decode-attention-nvidia-h200.md, H200).
 
-What: an AFTER hook on ``TritonAttnBackend.__init__`` raises the backend's ``max_kv_splits`` to
-``SGLANG_GEMMA4_DECODE_KV_SPLITS_CAP`` (default 32) for Gemma-4 model runners when the user left
-``--triton-attention-num-kv-splits`` at SGLang's default. (0.5.17's model-override registry refuses this field:
-it is not "resolvable", and a declaration of it stops ServerArgs.) The decode scratch buffers are sized from
-``max_kv_splits`` after ``__init__``, so they follow. Cost: that scratch (``attn_logits``: CUDA-graph tokens x q heads x
-cap x head dim, fp32, one for the 512-wide and one for the 256-wide layers) grows linearly with the cap: for
-26B-A4B at cap 32, ~100 MB for 64 graph tokens (plain decode), ~300 MB for FROZEN_KV_MTP's 48 x 4 verify tokens
-(4x SGLang's 8).
+What, two hooks:
+- AFTER ``TritonAttnBackend.__init__`` raises the backend's ``max_kv_splits`` (what the decode scratch buffers
+  and the kernels' grid are sized by) to ``SGLANG_GEMMA4_DECODE_KV_SPLITS_CAP`` (default 32) for Gemma-4 model
+  runners when the user left ``--triton-attention-num-kv-splits`` at SGLang's default. (0.5.17's model-override
+  registry refuses this field: it is not "resolvable", and a declaration of it stops ServerArgs.)
+- AROUND ``TritonAttnBackend.get_num_kv_splits`` picks the cap SGLang's formula runs under, per batch, from host
+  integers only (no sync, so CUDA-graph replay metadata stays as cheap as SGLang's): about one wave of programs,
+  ``cdiv(SMs, programs per split)`` clamped to [SGLang's default, the raised cap], where programs per split is
+  SGLang's own ``token_grid``. Where that is SGLang's default, SGLang's call runs unchanged. Above it, each
+  sequence's count is then clamped to ``cdiv(keys, 64)``: fewer than ~64 keys per program loses to fewer splits.
+Cost: the scratch (``attn_logits``: CUDA-graph tokens x q heads x cap x head dim, fp32, one for the 512-wide and
+one for the 256-wide layers) grows linearly with the cap: for 26B-A4B at cap 32, ~100 MB for 64 graph tokens
+(plain decode), ~300 MB for FROZEN_KV_MTP's 48 x 4 verify tokens (4x SGLang's 8); the stage-1 grid is the cap
+wide, so a batch that keeps 8 splits launches 4x the programs, most of which return at once (~2 % in the bench).
 Left alone: deterministic mode (its own split tiles), MLA, ``SGLANG_TRITON_DECODE_ATTN_STATIC_KV_SPLITS`` (every
 sequence would take the cap), a user-set cap.
 
-Default off until ``bench/decode_attention.py`` (part ``decode-attn``) has chosen the cap on a GPU.
+Default off until ``bench/serve.py`` (part ``decode-splits-ab``) has measured it in a server.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
+
+import torch
 
 from sglang_gemma4.registry import Patch, SettingError
 
 logger = logging.getLogger("sglang_gemma4")
 
-INIT = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend.__init__"
+BACKEND = "sglang.srt.layers.attention.triton_backend.TritonAttnBackend"
+INIT = BACKEND + ".__init__"
+SPLITS = BACKEND + ".get_num_kv_splits"
 CAP_ENV = "SGLANG_GEMMA4_DECODE_KV_SPLITS_CAP"
 DEFAULT_CAP = 32
 MAX_CAP = 256  # SGLang's own ceiling for the MLA path; beyond it the scratch outgrows any gain
+MIN_KEYS_PER_SPLIT = 64  # H200: 16 splits beat 32 at 1k keys, 64 splits tie 32 at 8k (decode-attention bench)
+MARK = "_gemma4_default_kv_splits"  # set on a backend whose cap this patch raised: SGLang's cap, for small grids
 
 
 def split_cap(environ: Optional[Mapping[str, str]] = None) -> int:
@@ -71,10 +85,11 @@ def after_init(result, self, model_runner, *args, **kwargs):
         elif self.max_kv_splits == user:
             cap = split_cap()
             self.max_kv_splits = cap
+            setattr(self, MARK, user)
             if "set" not in _told:
                 _told.add("set")
-                logger.info("Gemma-4 triton decode attention: split cap %d (SGLang's default %s; sglang-gemma4)",
-                            cap, user)
+                logger.info("Gemma-4 triton decode attention: up to %d splits at small batches, SGLang's %s "
+                            "where the batch fills the GPU (sglang-gemma4)", cap, user)
         if why is not None and why not in _told:
             _told.add(why)
             logger.info("decode_kv_splits: a triton backend keeps its split cap: %s", why)
@@ -83,13 +98,53 @@ def after_init(result, self, model_runner, *args, **kwargs):
     return None
 
 
+def token_grid(num_seq: int, num_group: int, num_head: int, num_kv_head: int) -> int:
+    """Programs per split of SGLang's decode stage 1, as ``get_num_kv_splits_triton`` counts them."""
+    kv_group = num_head // num_kv_head
+    if kv_group == 1:
+        return num_seq * num_group * num_head
+    block_h = min(16, kv_group)  # _decode_grouped_att_m_fwd's head block
+    return num_seq * num_group * -(-num_head // block_h)
+
+
+def batch_cap(grid: int, cores: int, default: int, cap: int) -> int:
+    """About one wave of programs: SGLang's default where the batch alone fills the GPU, up to ``cap`` below;
+    never above ``cap``, which sized the buffers (a cap knob below SGLang's default wins)."""
+    return min(cap, max(default, -(-cores // max(grid, 1))))
+
+
+def around_get_num_kv_splits(original, self, num_kv_splits, seq_lens):
+    default = self.__dict__.get(MARK)
+    if default is None:
+        return original(self, num_kv_splits, seq_lens)  # a cap we did not raise: SGLang's own
+    num_token, num_seq = num_kv_splits.shape[0], seq_lens.shape[0]
+    group = num_token // max(num_seq, 1)
+    cap = self.max_kv_splits
+    cores = getattr(self, "device_core_count", 0)
+    # no SM count: SGLang would fill every sequence with the cap, so give it its default
+    want = default if cores <= 0 else batch_cap(token_grid(num_seq, group, self.num_head, self.num_kv_head),
+                                                cores, default, cap)
+    self.max_kv_splits = want  # the kernel reads it as an argument; buffers stay sized by the raised cap
+    try:
+        result = original(self, num_kv_splits, seq_lens)
+    finally:
+        self.max_kv_splits = cap
+    if want > min(default, cap) and num_seq:
+        least = torch.clamp((seq_lens + (MIN_KEYS_PER_SPLIT - 1)) // MIN_KEYS_PER_SPLIT, min=1)
+        if group > 1:
+            least = least.repeat_interleave(group)
+        torch.minimum(num_kv_splits, least[:num_token].to(num_kv_splits.dtype), out=num_kv_splits)
+    return result
+
+
 class DecodeKVSplits(Patch):
     name = "decode_kv_splits"
-    summary = "triton decode attention split cap for Gemma-4 (SGLang's --triton-attention-num-kv-splits 8 binds at small batches)"
+    summary = ("triton decode attention splits sized to the batch for Gemma-4 (SGLang's "
+               "--triton-attention-num-kv-splits 8 binds at small batches)")
     knob = "SGLANG_GEMMA4_DECODE_KV_SPLITS"
-    default = False  # until bench/decode_attention.py has measured the cap on a GPU
+    default = False  # until a server A/B (part decode-splits-ab) has measured it
     seed = "- (issue #20 decode profile; not in the seed)"
-    targets = (INIT,)
+    targets = (INIT, SPLITS)
 
     def validate(self, environ) -> None:
         split_cap(environ)
@@ -97,7 +152,8 @@ class DecodeKVSplits(Patch):
     def detail(self, value: Optional[bool]) -> str:
         if not value:
             return ""
-        return f"{self.knob}=1: Gemma-4 triton decode attention split cap {split_cap()} unless the user set one"
+        return (f"{self.knob}=1: Gemma-4 triton decode attention splits up to {split_cap()} at small batches "
+                "unless the user set a cap")
 
     def upstream(self) -> Optional[str]:
         from sglang.srt.server_args import ServerArgs
@@ -111,6 +167,7 @@ class DecodeKVSplits(Patch):
         from sglang.srt.plugins.hook_registry import HookType
 
         self.hook(INIT, after_init, HookType.AFTER)
+        self.hook(SPLITS, around_get_num_kv_splits, HookType.AROUND)
 
 
 PATCH = DecodeKVSplits()
