@@ -183,7 +183,7 @@ case "${1:-}" in
       nosync-modes.txt ;;
   mtp-26b) # issue #19 on 26B-A4B: one V2 mode per call (MTP_V2=0|1), equal static budgets
     SERVE_ARMS="on,spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}" SERVE_WORKLOADS="${SERVE_WORKLOADS:-chat_c1,chat_c8,chat_c16}" \
-      SERVE_PROFILE="spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1" bash "$0" serve-26b ;;
+      SERVE_PROFILE="${SERVE_PROFILE-spec+SGLANG_FROZEN_KV_MTP_V2=${MTP_V2:-1}:chat_c1}" bash "$0" serve-26b ;;
   mtp-26b-v2) # issue #19 on 26B-A4B: overlap (V2=1) vs synchronous (V2=0), the two spec servers side by side at
     # equal static budgets (ratios V2=1 / V2=0), each one's speculative step traced first (GPU only: a CPU+GPU trace of the 26B overlap server
     # did not finish in 150 s, and that server then answered no timed run)
