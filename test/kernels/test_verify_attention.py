@@ -91,7 +91,20 @@ def test_merge_slices_wide_heads():
     """The merge runs one 64-wide output slice per program and sums the draft scores over 64-wide D chunks:
     D = 96 (a masked second chunk), Dv = 160 (three slices, the last one partial)."""
     t, _ = make([50, 7], 4, 4, 2, 96, Dv=160, window=30, seed=13)
-    close(run(t, 4, 0.1, 30, splits=3), ref(t, 4, 0.1, 30), torch.float32)
+    close(run(t, 4, 0.1, 30, splits=3, merge_dv=64), ref(t, 4, 0.1, 30), torch.float32)
+
+
+@pytest.mark.parametrize("lens,sliced", [([50], True), ([50, 7, 33, 2], False)])
+def test_merge_layout_follows_occupancy(lens, sliced):
+    """The default launch slices the merge while bs x q heads programs leave most SMs idle (the CPU counts 8), one
+    whole-width program per (sequence, head) otherwise; both equal the reference and the explicit layout."""
+    from sglang_gemma4.kernels.verify_attention import merge_slices_wanted
+
+    assert merge_slices_wanted(len(lens), 2, torch.device("cpu")) is sliced
+    t, _ = make(lens, 3, 2, 1, 96, Dv=160, window=-1, seed=len(lens))
+    out = run(t, 3, 0.2)
+    close(out, ref(t, 3, 0.2), torch.float32)
+    torch.testing.assert_close(out, run(t, 3, 0.2, merge_dv=64 if sliced else 160), rtol=0, atol=0)
 
 
 FP8 = getattr(torch, "float8_e4m3fn", None)

@@ -22,7 +22,8 @@ the window for sliding layers) and the L draft keys are ``k_draft``/``v_draft`` 
   q heads of one kv head per program (GH = the GQA group when its accumulator is small enough, so every K/V
   tile is read once for the group; else 1).
   Stage 2, grid (bs, Hq, Dv / 64): log-sum-exp merge of the S partials and the draft block -> o, one 64-wide
-  output slice per program.
+  output slice per program while bs x Hq programs leave most SMs idle; grid (bs, Hq, 1), the whole width per
+  program, once they do (``merge_slices_wanted``).
 The split count S depends on the batch and head count only (CUDA-graph safe: no value is read on the host) and is
 a runtime argument, so the captured batch sizes share one compiled kernel per layer type; each split's key range
 is cut from its own sequence's length inside the kernel, so unused splits end at once.
@@ -212,6 +213,13 @@ def num_splits(bs: int, num_programs: int, device: torch.device, whole_waves: bo
     return max(1, min(16, slots // per_split if whole_waves else triton.cdiv(slots, per_split)))
 
 
+def merge_slices_wanted(bs: int, Hq: int, device: torch.device) -> bool:
+    """64-wide merge slices only while one program per (sequence, q head) leaves most SMs idle. H200: slices win at
+    batch 1 (26B full 1k 24.3 vs 27.2 us, 16 programs) and lose at batch 16 (98.7 vs 90.8; E4B full with 128
+    programs 56.5 vs 51.3), runs/verify-attention-nvidia-h200.md; between the two it is not measured."""
+    return 2 * bs * Hq < _sm_count(device)
+
+
 def launch_config(L: int, Hq: int, Hkv: int, D: int, Dv: int, grouped: Optional[bool] = None,
                   block_n: Optional[int] = None, num_warps: Optional[int] = None,
                   merge_dv: Optional[int] = None) -> dict:
@@ -284,6 +292,8 @@ def verify_attention_fwd(
     if kv_indptr.dtype not in (torch.int32, torch.int64) or kv_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kv_indptr / kv_indices must be int32 or int64, got {kv_indptr.dtype} / {kv_indices.dtype}")
     W = int(sliding_window) if sliding_window is not None and sliding_window >= 0 else -1
+    if merge_dv is None and not merge_slices_wanted(bs, Hq, q.device):
+        merge_dv = Dv  # one program per (sequence, head) already fills the GPU: the whole width each
     cfg = launch_config(L, Hq, Hkv, D, Dv, grouped, block_n, num_warps, merge_dv)
     GH, BLOCK_M = cfg["GH"], cfg["BLOCK_M"]
     S = int(splits) if splits is not None else num_splits(bs, Hq // GH, q.device, cfg["BLOCK_DV"] > 256)
