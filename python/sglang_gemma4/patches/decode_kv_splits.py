@@ -130,10 +130,11 @@ def around_get_num_kv_splits(original, self, num_kv_splits, seq_lens):
     finally:
         self.max_kv_splits = cap
     if want > min(default, cap) and num_seq:
+        # per step on the host's launch path: broadcast over the draft groups (sequence-major) instead of
+        # materialising a repeated copy
         least = torch.clamp((seq_lens + (MIN_KEYS_PER_SPLIT - 1)) // MIN_KEYS_PER_SPLIT, min=1)
-        if group > 1:
-            least = least.repeat_interleave(group)
-        torch.minimum(num_kv_splits, least[:num_token].to(num_kv_splits.dtype), out=num_kv_splits)
+        per_seq = num_kv_splits.view(num_seq, group)
+        torch.minimum(per_seq, least.to(per_seq.dtype).unsqueeze(1), out=per_seq)
     return result
 
 
