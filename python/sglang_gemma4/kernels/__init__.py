@@ -11,6 +11,8 @@ Ops (each in its own module, with a plain-torch fp32 ``*_ref`` beside it):
   in place, one launch.
 * :func:`gemma_moe_tail_next_norm` -- the MoE layer's post-FF tail and the next
   layer's input RMSNorm, one launch.
+* :func:`translate_window_prefix_` -- full -> SWA slot translation of a sliding-window
+  index buffer, its length read on the GPU (no host sync).
 
 On a machine without a GPU the kernels run under the Triton interpreter: set
 ``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is first imported
@@ -36,6 +38,8 @@ _EXPORTS = {
     "gemma_qkv_norm_rope_ref": "qkv_norm_rope",
     "gemma_moe_tail_next_norm": "tail_next_norm",
     "gemma_moe_tail_next_norm_ref": "tail_next_norm",
+    "translate_window_prefix_": "swa_translate",
+    "translate_window_prefix_ref": "swa_translate",
 }
 __all__ = list(_EXPORTS)
 
